@@ -1,0 +1,169 @@
+"""Speed table: python -m cnnrnn.bench [--models lstm,cnn] [--batch-sizes 32,128] [--json PATH].
+
+Per model and batch size: training ms/step (forward + backward + optimizer step, steady state after
+warm-up, median of repeats), samples/s, counted FLOPs per sample, achieved GFLOP/s and MFU (against a large
+fp32 matmul timed in the same process), inference images/s; plus composite generation images/s and the
+data path's share of a training step. Models are built from their task's default config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from cnnrnn import build
+from cnnrnn.cli import compose_config, fail
+from cnnrnn.data.composite import CompositeSource
+from cnnrnn.data.fashion_mnist import Split
+from cnnrnn.data.loader import ItemSource
+from cnnrnn.engine import autocast
+from cnnrnn.errors import UserError
+
+MODELS = {"lstm": "lstm", "lstm2": "lstm2", "cnn": "cnn", "cnn_rnn": "multilabel", "cnn_bce": "multilabel_bce"}
+
+
+def matmul_peak(dtype=torch.float32, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a large square matmul: the machine's practical peak for this dtype."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / min(times) / 1e9
+
+
+def fake_source(kind: str, n: int = 4096):
+    """Random items in memory, shaped as the real data (the speed does not depend on the pixels)."""
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g),
+                  torch.randint(0, 10, (n,), generator=g))
+    return ItemSource(split) if kind == "single" else CompositeSource(split, size=n, seed=0)
+
+
+def time_it(fn, steps: int, repeats: int) -> float:
+    """Median seconds per call over `repeats` runs of `steps` calls."""
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        runs.append((time.perf_counter() - t) / steps)
+    return statistics.median(runs)
+
+
+def bench_model(name: str, batch_size: int, steps: int, repeats: int, peak: float, amp: bool,
+                compile_model: bool) -> dict:
+    cfg = compose_config([f"task={MODELS[name]}", f"trainer.batch_size={batch_size}"])
+    task = build.task(cfg)
+    model = build.model(cfg)
+    if cfg.kind != "single":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, scheduler = build.optimizer(cfg, model, steps_per_epoch=1000)
+    train_model = torch.compile(model) if compile_model else model
+    source = fake_source(cfg.kind)
+    order = source.order(0)
+    batch = source.batch(order[:batch_size])
+    cpu = torch.device("cpu")
+
+    def step():
+        with autocast(cpu, amp):
+            loss, _ = task.loss(train_model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+    model.train()
+    with torch.backends.mkldnn.flags(enabled=False), torch.utils.flop_counter.FlopCounterMode(display=False) as fc:
+        step()  # counted with oneDNN off, so that the LSTM is seen as matmuls
+    flops = fc.get_total_flops() / batch_size
+    for _ in range(3):
+        step()
+    sec = time_it(step, steps, repeats)
+    i = iter(range(10 ** 9))
+    data_sec = time_it(lambda: source.batch(order[(next(i) * batch_size) % (len(order) - batch_size):][:batch_size]),
+                       steps, repeats)
+    model.eval()
+    with torch.inference_mode():
+        task.predict(model, batch)
+        infer = time_it(lambda: task.predict(model, batch), max(2, steps // 2), repeats)
+    gflops = flops * batch_size / sec / 1e9
+    return {"model": name, "batch_size": batch_size, "ms_per_step": round(sec * 1000, 2),
+            "samples_per_s": round(batch_size / sec, 1), "mflops_per_sample": round(flops / 1e6, 2),
+            "gflops": round(gflops, 1), "mfu": round(gflops / peak, 3),
+            "infer_images_per_s": round(batch_size / infer, 1),
+            "data_share": round(data_sec / (data_sec + sec), 4), "amp": amp, "compile": compile_model}
+
+
+def bench_composites(batch_size: int = 512, steps: int = 50) -> float:
+    """Composite images generated per second (layout sampling and rendering, as in a training epoch)."""
+    src = CompositeSource(fake_source("single", 55000).split, size=55000, seed=0)
+    layout = src.order(0)
+    i = iter(range(10 ** 9))
+    sec = time_it(lambda: src.batch(layout[(next(i) * batch_size) % 50000:][:batch_size]), steps, 3)
+    t = time.perf_counter()
+    src.order(1)
+    layout_sec = (time.perf_counter() - t) / len(src)
+    return batch_size / (sec + layout_sec * batch_size)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cnnrnn.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--batch-sizes", default="32,128")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models")
+    parser.add_argument("--json", help="also write the records to this file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        unknown = [m for m in models if m not in MODELS]
+        if unknown:
+            raise UserError(f"--models: unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}.")
+        sizes = [int(b) for b in args.batch_sizes.split(",")]
+        if any(b < 1 for b in sizes):
+            raise UserError("--batch-sizes must be positive integers, e.g. 32,128.")
+    except ValueError:
+        fail("--batch-sizes must be comma-separated integers, e.g. 32,128.")
+    except UserError as exc:
+        fail(str(exc))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peak = matmul_peak()
+    machine = {"peak_gflops_fp32": round(peak, 1), "peak_gflops_bf16": round(matmul_peak(torch.bfloat16), 1),
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": platform.processor()}
+    print(f"fp32 matmul peak {machine['peak_gflops_fp32']} GFLOP/s, bf16 {machine['peak_gflops_bf16']} GFLOP/s, "
+          f"{machine['threads']} threads, torch {machine['torch']}", file=sys.stderr)
+    header = f"{'model':<8} {'batch':>5} {'ms/step':>8} {'samples/s':>10} {'MFLOP/smp':>10} {'GFLOP/s':>8} " \
+             f"{'MFU':>6} {'infer img/s':>11} {'data':>6}"
+    print(header)
+    records = []
+    for name in models:
+        for b in sizes:
+            r = bench_model(name, b, args.steps, args.repeats, peak, args.amp, args.compile)
+            records.append({**r, **machine})
+            print(f"{name:<8} {b:>5} {r['ms_per_step']:>8.2f} {r['samples_per_s']:>10.0f} "
+                  f"{r['mflops_per_sample']:>10.2f} {r['gflops']:>8.1f} {r['mfu']:>6.1%} "
+                  f"{r['infer_images_per_s']:>11.0f} {r['data_share']:>6.1%}", flush=True)
+    rate = bench_composites()
+    print(f"composite generation: {rate:,.0f} images/s")
+    records.append({"model": "composites", "images_per_s": round(rate), **machine})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

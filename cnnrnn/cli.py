@@ -1,0 +1,183 @@
+"""Hydra glue for the entry points: compose configs in-process, check a command line before any work starts,
+and run a function under @hydra.main with user errors shown as one sentence. Only entry points import this."""
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from cnnrnn.config import Config, from_dict
+from cnnrnn.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+log = logging.getLogger("cnnrnn")
+
+
+def compose(overrides: list[str]):
+    """The composed DictConfig for these overrides, as `python -m cnnrnn.train` would see it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose("train", overrides=overrides)
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose("train", overrides=overrides)
+
+
+def config_from(dcfg) -> Config:
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(dcfg, resolve=True)
+    values.pop("hydra", None)
+    return from_dict(values)
+
+
+def compose_config(overrides: list[str]) -> Config:
+    """A validated Config from command-line style overrides (tests, the oracle, bench)."""
+    return config_from(compose(overrides))
+
+
+def _all_keys(node, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in node.items():
+        keys += _all_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return keys
+
+
+def _explain(exc: Exception, overrides: list[str]) -> str:
+    """One sentence for a composition error from Hydra."""
+    from omegaconf import OmegaConf
+
+    text = str(exc)
+    group = re.search(r"Could not find '(\w+)/([^']*)'", text)
+    if group:
+        options = sorted(p.stem for p in (CONFIG_DIR / group[1]).glob("*.yaml"))
+        close = difflib.get_close_matches(group[2], options, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"Unknown {group[1]} '{group[2]}'{hint}; choose one of {', '.join(options)}."
+    key = re.search(r"Could not (?:override|append to|delete from) '([^']+)'|Key '([^']+)' is not in struct", text)
+    if key:
+        name = key[1] or key[2]
+        known = _all_keys(OmegaConf.to_container(compose([o for o in overrides if o.startswith("task=")])))
+        parent, _, leaf = name.rpartition(".")
+        siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
+        if siblings:  # a known group: suggest among its own keys only
+            close = [f"{parent + '.' if parent else ''}{c}" for c in difflib.get_close_matches(leaf, siblings, n=1)]
+        else:
+            close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"Unknown config key '{name}'{hint}; `python -m cnnrnn.train --cfg job` lists every key."
+    return f"Cannot compose the config from {' '.join(overrides)}: {text.splitlines()[0]}"
+
+
+def _holds_run(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / name).exists() for name in ("checkpoints", "metrics.json", ".hydra"))
+
+
+def check_command_line(argv: list[str]) -> list[str]:
+    """Refuse a bad command line before Hydra creates anything; return argv, completed for resume and ranks."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return argv  # --help, --cfg, --info ...: Hydra's own
+    args = [a for a in argv if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception as exc:
+        raise UserError(f"Cannot parse the command line ({str(exc).splitlines()[0]}); write key=value pairs, "
+                        f"e.g. task=cnn trainer.epochs=5.") from None
+    plain, hydra_args = [], {}
+    for o in parsed:
+        if o.key_or_group.startswith("hydra"):
+            hydra_args[o.key_or_group] = o.value()
+        elif o.is_sweep_override():  # check the first job of a sweep; every job validates itself again
+            plain.append(f"{o.get_key_element()}={next(o.sweep_string_iterator())}")
+        else:
+            plain.append(o.input_line)
+    try:
+        composed = compose(plain)
+    except Exception as exc:
+        raise UserError(_explain(exc, plain)) from None
+    cfg = config_from(composed)
+    rank = int(os.environ.get("RANK", "0"))
+    if cfg.resume:
+        argv = argv + check_resume(cfg, composed, parsed)
+    elif rank == 0 and "hydra.run.dir" in hydra_args and _holds_run(Path(str(hydra_args["hydra.run.dir"]))):
+        folder = hydra_args["hydra.run.dir"]
+        raise UserError(f"hydra.run.dir={folder} already holds a run, which this one would mix with; choose a new "
+                        f"folder, or continue that run with resume={folder}.")
+    if rank > 0:  # only rank 0 writes a run dir and logs
+        argv = argv + [f"hydra.run.dir={tempfile.mkdtemp(prefix='cnnrnn-rank')}", "hydra.output_subdir=null",
+                       "hydra/job_logging=disabled"]
+    return argv
+
+
+def check_resume(cfg: Config, composed, parsed) -> list[str]:
+    """Overrides that make Hydra write into the resumed run (without touching its .hydra/), or an error."""
+    from omegaconf import OmegaConf
+
+    from cnnrnn.engine import load_checkpoint
+
+    folder = Path(cfg.resume)
+    last = folder / "checkpoints" / "last.pt"
+    if not folder.is_dir():
+        raise UserError(f"resume={folder} is not a folder; give the run dir to continue (runs/TASK/TIME).")
+    if not last.is_file():
+        raise UserError(f"resume={folder} has no checkpoints/last.pt (it stopped before its first checkpoint); "
+                        f"start that run again without resume.")
+    saved = load_checkpoint(last)
+    if saved.get("finished"):
+        print(f"Run {folder} is finished ({saved['epoch']} epochs; results in {folder / 'metrics.json'}); "
+              f"nothing to do.", file=sys.stderr)
+        raise SystemExit(0)
+    mine = OmegaConf.to_container(composed, resolve=True)
+    for o in parsed:
+        key = o.key_or_group
+        if key.startswith("hydra") or key == "resume":
+            continue
+        path = key.split(".")
+        new, old = mine, saved["config"]
+        for part in path:
+            new = new.get(part) if isinstance(new, dict) else None
+            old = old.get(part) if isinstance(old, dict) else None
+        if new != old:
+            raise UserError(f"resume={folder} continues that run as it was configured, but {key}={new} differs "
+                            f"from its {old}; drop {key}, or start a new run.")
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    return [f"hydra.run.dir={folder}", f"hydra.output_subdir=.hydra/resume-{stamp}"]
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def hydra_entry(run: Callable[[Config, str], object]) -> None:
+    """Check the command line, then call run(cfg, output_dir) under @hydra.main."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        sys.argv = sys.argv[:1] + check_command_line(sys.argv[1:])
+    except UserError as exc:
+        fail(str(exc))
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+    def _main(dcfg) -> None:
+        try:
+            run(config_from(dcfg), HydraConfig.get().runtime.output_dir)
+        except UserError as exc:
+            log.error("%s", exc)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            log.error("Interrupted before the first checkpoint; nothing was saved.")
+            raise SystemExit(130) from None
+
+    _main()

@@ -1,0 +1,186 @@
+"""The run configuration as dataclasses, validated from a plain dict (Hydra stays in the entry points)."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+
+from cnnrnn.errors import UserError
+
+TASKS = {  # task -> (kind, model names it trains)
+    "lstm": ("single", ("lstm",)),
+    "lstm2": ("single", ("lstm",)),
+    "cnn": ("single", ("cnn",)),
+    "multilabel": ("sequence", ("cnn_rnn",)),
+    "multilabel_bce": ("bce", ("cnn_bce",)),
+}
+LABEL_ORDERS = ("frequency", "rare_first", "spatial", "random", "orderless")
+
+
+@dataclass
+class Trainer:
+    epochs: int = 10
+    batch_size: int = 128
+    device: str = "auto"          # auto | cpu | cuda
+    threads: typing.Optional[int] = None   # torch intra-op threads; null = torch's default
+    amp: bool = False             # bf16 autocast (CPU or CUDA)
+    compile: bool = False         # torch.compile the model
+    ema: typing.Optional[float] = None     # decay of an exponential moving average of the weights, evaluated
+    ckpt_every: int = 0           # also write last.pt every N steps (0: at epoch ends only)
+    progress: bool = True         # a progress bar per epoch
+
+
+@dataclass
+class Optim:
+    name: str = "adamw"           # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9         # sgd only
+    schedule: str = "cosine"      # cosine | constant
+    warmup_epochs: float = 0.0
+    grad_clip: typing.Optional[float] = None
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class Data:
+    root: str = "data/"
+    limit: typing.Optional[int] = None     # use only the first N training items
+    val_size: int = 5000
+    seed: int = 0                 # fixes the validation split and the val/test composites for every run
+    train_eval_size: int = 5000   # fixed training items scored each epoch, for train curves comparable to val
+    augment: bool = False         # train-time albumentations pipeline: flip, shift, erase
+    hflip: float = 0.5
+    shift: int = 2
+    erase: float = 0.0
+    grid: int = 2                 # composites: grid x grid cells of 28x28
+    min_items: int = 1
+    max_items: int = 4
+    test_size: int = 10000        # composites drawn for validation and for test
+    epoch_size: typing.Optional[int] = None  # training composites per epoch; null = number of train items
+
+
+@dataclass
+class Oracle:
+    ckpt: typing.Optional[str] = None      # a single-label cnn checkpoint; null = train one on the fly
+    epochs: int = 15
+
+
+@dataclass
+class Config:
+    task: str = "multilabel"
+    seed: int = 0
+    resume: typing.Optional[str] = None
+    trainer: Trainer = field(default_factory=Trainer)
+    optim: Optim = field(default_factory=Optim)
+    data: Data = field(default_factory=Data)
+    model: dict = field(default_factory=dict)   # name + keyword arguments of build_model
+    oracle: Oracle = field(default_factory=Oracle)
+
+    @property
+    def kind(self) -> str:
+        return TASKS[self.task][0]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value, annotation, where: str):
+    """Check value against a field type; ints are accepted where floats are expected."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if annotation in (int, float) and isinstance(value, bool) or not isinstance(value, annotation):
+        raise UserError(f"{where}={value!r} must be of type {annotation.__name__}; "
+                        f"write it as in `python -m cnnrnn.train --cfg job`.")
+    return value
+
+
+def _build(cls, values: dict, prefix: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{prefix}{key}"
+        if key not in fields:
+            raise UserError(f"Unknown config key '{where}'{_suggest(key, fields)}; "
+                            f"`python -m cnnrnn.train --cfg job` lists every key.")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise UserError(f"{where} is a group of keys, not a value; set {where}.KEY=VALUE instead.")
+            kwargs[key] = _build(hint, value, f"{where}.")
+        elif hint is dict:
+            kwargs[key] = dict(value)
+        else:
+            kwargs[key] = _coerce(value, hint, where)
+    return cls(**kwargs)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def validate(cfg: Config) -> Config:
+    """Refuse invalid values with one sentence that names the key and the fix."""
+    t, o, d = cfg.trainer, cfg.optim, cfg.data
+    _require(cfg.task in TASKS, f"Unknown task '{cfg.task}'{_suggest(cfg.task, TASKS)}; choose one of "
+             f"{', '.join(TASKS)}.")
+    _require(t.epochs >= 1, f"trainer.epochs={t.epochs} must be at least 1.")
+    _require(t.batch_size >= 1, f"trainer.batch_size={t.batch_size} must be at least 1.")
+    _require(t.device in ("auto", "cpu", "cuda"), f"trainer.device={t.device!r} must be auto, cpu or cuda.")
+    _require(t.threads is None or t.threads >= 1, f"trainer.threads={t.threads} must be at least 1 or null.")
+    _require(t.ema is None or 0 < t.ema < 1, f"trainer.ema={t.ema} must be a decay in (0, 1) or null.")
+    _require(t.ckpt_every >= 0, f"trainer.ckpt_every={t.ckpt_every} must be 0 (off) or a number of steps.")
+    _require(o.name in ("adamw", "sgd"), f"optim.name={o.name!r} must be adamw or sgd.")
+    _require(o.lr > 0, f"optim.lr={o.lr} must be greater than 0.")
+    _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be 0 or more.")
+    _require(o.schedule in ("cosine", "constant"), f"optim.schedule={o.schedule!r} must be cosine or constant.")
+    _require(0 <= o.warmup_epochs <= t.epochs, f"optim.warmup_epochs={o.warmup_epochs} must be between 0 and "
+             f"trainer.epochs.")
+    _require(o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip={o.grad_clip} must be positive or null.")
+    _require(0 <= o.label_smoothing < 1, f"optim.label_smoothing={o.label_smoothing} must be in [0, 1).")
+    _require(d.limit is None or d.limit >= 1, f"data.limit={d.limit} must be at least 1 or null.")
+    _require(10 <= d.val_size <= 59990, f"data.val_size={d.val_size} must be between 10 and 59990 (Fashion-MNIST "
+             f"has 60000 training images); set a smaller data.val_size.")
+    _require(d.train_eval_size >= 0, f"data.train_eval_size={d.train_eval_size} must be 0 or more.")
+    _require(0 <= d.hflip <= 1 and 0 <= d.erase <= 1, "data.hflip and data.erase are probabilities in [0, 1].")
+    _require(0 <= d.shift <= 8, f"data.shift={d.shift} must be between 0 and 8 pixels.")
+    _require(d.grid >= 1, f"data.grid={d.grid} must be at least 1.")
+    _require(1 <= d.min_items, f"data.min_items={d.min_items} must be at least 1.")
+    _require(d.min_items <= d.max_items, f"data.min_items={d.min_items} is larger than data.max_items="
+             f"{d.max_items}; make min_items <= max_items.")
+    _require(d.max_items <= d.grid ** 2, f"data.max_items={d.max_items} is more items than the "
+             f"{d.grid}x{d.grid} grid has cells; lower it or raise data.grid.")
+    _require(d.test_size >= 1, f"data.test_size={d.test_size} must be at least 1.")
+    _require(d.epoch_size is None or d.epoch_size >= 1, f"data.epoch_size={d.epoch_size} must be at least 1.")
+    _require(cfg.oracle.epochs >= 1, f"oracle.epochs={cfg.oracle.epochs} must be at least 1.")
+    name = cfg.model.get("name")
+    allowed = TASKS[cfg.task][1]
+    _require(name in allowed, f"model.name={name!r} cannot be trained by task={cfg.task} (it trains "
+             f"{', '.join(allowed)}); drop the model override.")
+    m = cfg.model
+    if name == "cnn_rnn":
+        _require(isinstance(m.get("beam_size"), int) and m["beam_size"] >= 1,
+                 f"model.beam_size={m.get('beam_size')!r} must be an integer of at least 1.")
+        _require(m.get("label_order") in LABEL_ORDERS, f"model.label_order={m.get('label_order')!r} must be "
+                 f"one of {', '.join(LABEL_ORDERS)}.")
+    return cfg
+
+
+def from_dict(values: dict) -> Config:
+    """A validated Config from a plain (resolved) dict; UserError names the first bad key."""
+    return validate(_build(Config, values, ""))

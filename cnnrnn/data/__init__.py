@@ -1,0 +1,1 @@
+"""Fashion-MNIST items and composites of them, as uint8 tensors in memory."""

@@ -1,0 +1,79 @@
+"""Composite multi-label images: a grid x grid canvas of 28x28 cells holding items of one base split."""
+from __future__ import annotations
+
+import torch
+
+from cnnrnn.data.augment import Augment
+from cnnrnn.data.fashion_mnist import CLASSES, SIDE, Split
+from cnnrnn.data.loader import epoch_seed
+
+
+def sample_layout(n: int, n_items: int, grid: int, min_items: int, max_items: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """(n, grid*grid) base-item index per cell in reading order, -1 for an empty cell."""
+    cells = grid * grid
+    k = torch.randint(min_items, max_items + 1, (n, 1), generator=generator)
+    # The rank of each cell in a random permutation; the k lowest-ranked cells are occupied.
+    rank = torch.rand(n, cells, generator=generator).argsort(dim=1).argsort(dim=1)
+    items = torch.randint(0, n_items, (n, cells), generator=generator)
+    return torch.where(rank < k, items, torch.full_like(items, -1))
+
+
+def render(images: torch.Tensor, layout: torch.Tensor, grid: int) -> torch.Tensor:
+    """Tile item images (N, 28, 28) into canvases (B, grid*28, grid*28) by a layout (B, grid*grid)."""
+    tiles = images[layout.clamp(min=0)]                                # (B, G*G, 28, 28)
+    tiles = tiles * (layout >= 0)[:, :, None, None].to(tiles.dtype)    # empty cells black
+    b = len(layout)
+    tiles = tiles.view(b, grid, grid, SIDE, SIDE)                      # (B, G, G, 28, 28)
+    return tiles.permute(0, 1, 3, 2, 4).reshape(b, grid * SIDE, grid * SIDE)  # (B, G*28, G*28)
+
+
+def multi_hot(cells: torch.Tensor, num_classes: int = len(CLASSES)) -> torch.Tensor:
+    """(B, C) float set of the distinct classes among cells (B, G*G), where -1 marks an empty cell."""
+    hot = torch.zeros(len(cells), num_classes + 1)
+    hot.scatter_(1, torch.where(cells >= 0, cells, num_classes), 1.0)  # empty cells land in an extra column
+    return hot[:, :num_classes]
+
+
+def cell_crops(images: torch.Tensor, grid: int) -> torch.Tensor:
+    """Canvases (B, G*28, G*28) cut back into their cells (B, G*G, 28, 28), in reading order."""
+    b = len(images)
+    cells = images.view(b, grid, SIDE, grid, SIDE)                      # (B, G, 28, G, 28)
+    return cells.permute(0, 1, 3, 2, 4).reshape(b, grid * grid, SIDE, SIDE)  # (B, G*G, 28, 28)
+
+
+class CompositeSource:
+    """Composites of one split: {'image': (B, G*28, G*28) uint8, 'cells': (B, G*G), 'labels': (B, C)}.
+
+    Training sources draw new layouts every epoch; fixed sources (validation, test) draw theirs once from
+    `seed`, so every run and every model sees the same images.
+    """
+
+    def __init__(self, split: Split, size: int, grid: int = 2, min_items: int = 1, max_items: int = 4,
+                 seed: int = 0, fixed: bool = False, augment: Augment | None = None):
+        self.split, self.size, self.grid = split, size, grid
+        self.min_items, self.max_items, self.seed, self.augment = min_items, max_items, seed, augment
+        self.fixed_layout = self._layout(seed) if fixed else None
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _layout(self, seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return sample_layout(self.size, len(self.split), self.grid, self.min_items, self.max_items, generator)
+
+    def order(self, epoch: int | None) -> torch.Tensor:
+        if self.fixed_layout is not None:
+            return self.fixed_layout
+        return self._layout(epoch_seed(self.seed, 0 if epoch is None else epoch))
+
+    def batch(self, rows: torch.Tensor, key: int = 0) -> dict[str, torch.Tensor]:
+        layout = rows
+        images = self.split.images
+        if self.augment is not None:
+            # Augment only the items this batch uses, then tile them: (B*G*G,) gathers, one per cell.
+            flat = layout.clamp(min=0).flatten()
+            images = self.augment(images[flat], key)
+            layout = torch.arange(len(flat)).view_as(layout).where(layout >= 0, -1)
+        cells = torch.where(rows >= 0, self.split.labels[rows.clamp(min=0)], -1)
+        return {"image": render(images, layout, self.grid), "cells": cells, "labels": multi_hot(cells)}

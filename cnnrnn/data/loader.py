@@ -1,0 +1,56 @@
+"""Batches by index gathers over tensors in memory: no per-item Dataset, no worker processes."""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Protocol
+
+import torch
+
+from cnnrnn.data.augment import Augment
+from cnnrnn.data.fashion_mnist import Split
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed for one epoch's order and augmentation, so any epoch can be replayed (exact resume)."""
+    return (seed * 1_000_003 + epoch * 7919) % 2**31
+
+
+class Source(Protocol):
+    def order(self, epoch: int | None) -> torch.Tensor: ...
+    def batch(self, rows: torch.Tensor, key: int) -> dict[str, torch.Tensor]: ...
+
+
+class ItemSource:
+    """Single items of a split: {'image': (B, 28, 28) uint8, 'label': (B,) int64}."""
+
+    def __init__(self, split: Split, seed: int = 0, augment: Augment | None = None):
+        self.split, self.seed, self.augment = split, seed, augment
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def order(self, epoch: int | None) -> torch.Tensor:
+        """Item indices: a fresh permutation per training epoch, the natural order when epoch is None."""
+        if epoch is None:
+            return torch.arange(len(self.split))
+        return torch.randperm(len(self.split), generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
+
+    def batch(self, rows: torch.Tensor, key: int = 0) -> dict[str, torch.Tensor]:
+        images = self.split.images[rows]
+        if self.augment is not None:
+            images = self.augment(images, key)
+        return {"image": images, "label": self.split.labels[rows]}
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+def batches(source: Source, batch_size: int, *, epoch: int | None = None, start: int = 0, drop_last: bool = False,
+            rank: int = 0, world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of batches from step `start`; with world > 1 each rank takes its share of every global batch."""
+    order = source.order(epoch)
+    key = epoch_seed(source.seed, epoch or 0)
+    for step in range(start, num_batches(len(order), batch_size, drop_last)):
+        rows = order[step * batch_size:(step + 1) * batch_size][rank::world]
+        yield source.batch(rows, key=(key * 10_007 + step) % 2**31)

@@ -1,0 +1,174 @@
+"""The loop: train_one_epoch(), evaluate(), and crash-safe checkpoints. Takes objects, never a config."""
+from __future__ import annotations
+
+import io
+import math
+import os
+import pickle
+import random
+import time
+import zipfile
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cnnrnn.errors import UserError
+
+CHECKPOINT_FORMAT = "cnnrnn/1"
+
+
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or infinite at `step`."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(f"step {step}: loss {value}")
+        self.step, self.value = step, value
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cpu":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def train_one_epoch(model: nn.Module, task, optimizer: torch.optim.Optimizer, scheduler, batches: Iterable[dict],
+                    *, device: torch.device, amp: bool = False, grad_clip: float | None = None, first_step: int = 0,
+                    on_step: Callable[[int, float, dict, int], bool] | None = None) -> dict:
+    """Train over `batches`. on_step(global_step, loss, stats, batch_size) may return True to stop early
+    (an interrupt). Raises NonFiniteLoss before an update is applied with a NaN or infinite loss."""
+    model.train()
+    step, total, count, stopped = first_step, 0.0, 0, False
+    compute = 0.0
+    for batch in batches:
+        t0 = time.perf_counter()
+        batch = to_device(batch, device)
+        with autocast(device, amp):
+            loss, stats = task.loss(model, batch)
+        value = loss.detach()
+        if dist.is_available() and dist.is_initialized():  # every rank sees the same (global) loss
+            dist.all_reduce(value)
+            value /= dist.get_world_size()
+        value = value.item()
+        if not math.isfinite(value):
+            raise NonFiniteLoss(step + 1, value)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        compute += time.perf_counter() - t0
+        step += 1
+        total += value
+        count += 1
+        stats = {k: float(v) for k, v in stats.items()}
+        if on_step is not None and on_step(step, value, stats, len(next(iter(batch.values())))):
+            stopped = True
+            break
+    return {"loss": total / max(count, 1), "steps": count, "step": step, "stopped": stopped, "compute_s": compute}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task, batches: Iterable[dict], *, device: torch.device, amp: bool = False,
+             with_loss: bool = True) -> tuple[dict[str, float], dict[str, torch.Tensor], torch.Tensor]:
+    """Metrics of a whole split, the concatenated predictions (on CPU) and the targets."""
+    model.eval()
+    outs, targets, loss_sum, n = [], [], 0.0, 0
+    with torch.inference_mode():
+        for batch in batches:
+            batch = to_device(batch, device)
+            with autocast(device, amp):
+                if with_loss:
+                    loss, _ = task.loss(model, batch)
+                    loss_sum += loss.item() * len(batch["image"])
+                out = task.predict(model, batch)
+            outs.append({k: v.cpu() for k, v in out.items()})
+            targets.append(task.target(batch).cpu())
+            n += len(batch["image"])
+    out = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    target = torch.cat(targets)
+    result = task.metrics(out, target)
+    if with_loss:
+        result["loss"] = loss_sum / max(n, 1)
+    return result, out, target
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """Every RNG the run draws from, as tensors and plain data (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"]["keys"].numpy().astype(np.uint32), state["numpy"]["pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """Write atomically: a temporary file in the same folder, flushed and fsynced, then os.replace.
+    A kill at any instant leaves the previous file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint with weights_only=True, so a file from elsewhere cannot run code."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / "best.pt" if (path / "checkpoints").is_dir() else path / "best.pt"
+    if not path.is_file():
+        raise UserError(f"Checkpoint {path} does not exist; give the path of a .pt file written by a run "
+                        f"(RUN_DIR/checkpoints/best.pt).")
+    if path.stat().st_size == 0:
+        raise UserError(f"Checkpoint {path} is empty (0 bytes); use another checkpoint, e.g. the run's last.pt.")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its directory sits at the very end
+        raise UserError(f"{path} is not a readable checkpoint (truncated, or another kind of file); use a complete "
+                        f"checkpoint written by cnnrnn.")
+    try:
+        with open(path, "rb") as f:
+            state = torch.load(io.BytesIO(f.read()), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Weights only" in str(exc):
+            raise UserError(f"Checkpoint {path} holds Python objects that could run code, and is refused "
+                            f"(cnnrnn loads with weights_only=True); use a checkpoint written by cnnrnn.") from None
+        raise UserError(f"{path} is not a readable checkpoint ({exc}); use a checkpoint written by cnnrnn.") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} is not a readable checkpoint (truncated or another kind of file: {reason}); "
+                        f"use a complete checkpoint written by cnnrnn.") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is a PyTorch file but not a cnnrnn checkpoint; use RUN_DIR/checkpoints/best.pt "
+                        f"of a cnnrnn run.")
+    return state

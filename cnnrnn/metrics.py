@@ -1,0 +1,58 @@
+"""Metric functions on whole splits (scikit-learn underneath). Arguments are always (y_true, y_pred)."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def slug(name: str) -> str:
+    """A class name usable inside a metric key: 'T-shirt/top' -> 'T-shirt-top', 'Ankle boot' -> 'Ankle_boot'."""
+    return name.replace("/", "-").replace(" ", "_")
+
+
+def single_label(y_true: np.ndarray, y_pred: np.ndarray, classes) -> dict[str, float]:
+    """Accuracy and per-class accuracy (recall of each class)."""
+    out = {"acc": float(skm.accuracy_score(y_true, y_pred))}
+    recall = skm.recall_score(y_true, y_pred, labels=range(len(classes)), average=None, zero_division=0)
+    out.update({f"acc/{slug(c)}": float(r) for c, r in zip(classes, recall)})
+    return out
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(true, predicted) counts."""
+    return skm.confusion_matrix(y_true, y_pred, labels=range(num_classes))
+
+
+def multi_label(y_true: np.ndarray, y_pred: np.ndarray, classes, scores: np.ndarray | None = None
+                ) -> dict[str, float]:
+    """Multi-label metrics of 0/1 matrices (N, C); mAP too where scores (N, C) are given.
+
+    f1_macro is the mean of per-class F1; cf1 is the harmonic mean of macro precision and macro recall
+    (the 'CF1' of the CNN-RNN literature), which is a different number.
+    """
+    y_true, y_pred = np.asarray(y_true).astype(int), np.asarray(y_pred).astype(int)
+    out = {}
+    for avg in ("micro", "macro", "samples"):
+        p, r, f, _ = skm.precision_recall_fscore_support(y_true, y_pred, average=avg, zero_division=0)
+        out.update({f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)})
+    p, r = out["precision_macro"], out["recall_macro"]
+    out["cf1"] = 2 * p * r / (p + r) if p + r else 0.0
+    out["exact_match"] = float(skm.accuracy_score(y_true, y_pred))
+    out["hamming_loss"] = float(skm.hamming_loss(y_true, y_pred))
+    out["cardinality_acc"] = float(np.mean(y_true.sum(1) == y_pred.sum(1)))
+    per_class = skm.f1_score(y_true, y_pred, average=None, zero_division=0)
+    out.update({f"f1/{slug(c)}": float(f) for c, f in zip(classes, per_class)})
+    if scores is not None:
+        present = y_true.sum(0) > 0  # AP is undefined for a class with no positives
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out["map"] = float(skm.average_precision_score(y_true[:, present], scores[:, present], average="macro"))
+    return out
+
+
+def best_threshold(y_true: np.ndarray, scores: np.ndarray, grid=np.linspace(0.05, 0.95, 19)) -> float:
+    """The global threshold that maximises micro F1 (tune on validation data only)."""
+    f1 = [skm.f1_score(y_true, scores >= t, average="micro", zero_division=0) for t in grid]
+    return float(grid[int(np.argmax(f1))])

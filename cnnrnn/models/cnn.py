@@ -1,0 +1,72 @@
+"""Convolutional models: the small single-label CNN, the encoder it shares, and the multi-label BCE head."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ConvEncoder(nn.Module):
+    """Stages of (conv3x3 + batch norm + ReLU) x convs and a 2x2 max pool: (B, 1, H, W) -> (B, C, H/2^n, W/2^n).
+
+    With `cell`, a last conv of kernel = stride = `cell` (in feature-map pixels) embeds each non-overlapping
+    cell of that size into `cell_dim` features: for 28x28 items after two pools, cell=7 is the small CNN's
+    dense-128 layer applied to every 28x28 cell of a composite, giving a (B, cell_dim, grid, grid) map.
+    """
+
+    def __init__(self, channels: tuple[int, ...] = (32, 64), convs: int = 1, cell: int = 0, cell_dim: int = 128,
+                 dropout: float = 0.0):
+        super().__init__()
+        layers, c_in = [], 1
+        for c_out in channels:
+            for _ in range(convs):
+                layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                           nn.ReLU(inplace=True)]
+                c_in = c_out
+            layers.append(nn.MaxPool2d(2))
+        if cell:
+            layers += [nn.Dropout(dropout), nn.Conv2d(c_in, cell_dim, cell, stride=cell, bias=False),
+                       nn.BatchNorm2d(cell_dim), nn.ReLU(inplace=True)]
+            c_in = cell_dim
+        self.layers = nn.Sequential(*layers)
+        self.out_channels = c_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class SmallCNN(nn.Module):
+    """conv3x3 32 - pool - conv3x3 64 - pool - dense 128 - dense 10, with batch norm and dropout."""
+
+    def __init__(self, num_classes: int = 10, channels: tuple[int, ...] = (32, 64), hidden: int = 128,
+                 dropout: float = 0.3, side: int = 28):
+        super().__init__()
+        self.encoder = ConvEncoder(channels)
+        cells = (side // 2 ** len(channels)) ** 2
+        self.head = nn.Sequential(
+            nn.Flatten(),                     # (B, C, h, w) -> (B, C*h*w)
+            nn.Dropout(dropout),
+            nn.Linear(self.encoder.out_channels * cells, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+class CNNBCE(nn.Module):
+    """Multi-label baseline: the CNN encoder, global max pool, one linear layer of per-class logits."""
+
+    def __init__(self, num_classes: int = 10, channels: tuple[int, ...] = (32, 64), convs: int = 1, cell: int = 7,
+                 cell_dim: int = 128, dropout: float = 0.3, pool: str = "max"):
+        super().__init__()
+        self.encoder = ConvEncoder(channels, convs, cell, cell_dim, dropout)
+        self.pool = pool
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(self.encoder.out_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.encoder(x)                                                  # (B, C, h, w)
+        pooled = feats.amax(dim=(2, 3)) if self.pool == "max" else feats.mean(dim=(2, 3))  # (B, C)
+        return self.head(self.drop(pooled))                                      # (B, classes)

@@ -1,0 +1,159 @@
+"""CNN encoder + LSTM label decoder with soft attention: names the items of an image one after another.
+
+Tokens: 0..C-1 are the classes, C is END, C+1 is START. The decoder's output vocabulary is the C classes
+plus END. Training feeds given (teacher) tokens; `generate` feeds only the model's own outputs.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnrnn.models.cnn import ConvEncoder
+
+Teacher = Callable[[int, torch.Tensor], torch.Tensor]  # (step, logits (B, C+1)) -> next tokens (B,)
+
+
+class CNNRNN(nn.Module):
+    """CNN feature map -> LSTM over label embeddings, attending over the map at every step."""
+
+    def __init__(self, num_classes: int = 10, channels: tuple[int, ...] = (32, 64), convs: int = 1, cell: int = 7,
+                 cell_dim: int = 128, embed: int = 64, hidden: int = 256, attention: bool = True,
+                 attn_dim: int = 128, dropout: float = 0.3, beam_size: int = 1, max_labels: int = 4):
+        super().__init__()
+        self.num_classes, self.end, self.start = num_classes, num_classes, num_classes + 1
+        self.attention, self.beam_size, self.max_labels = attention, beam_size, max_labels
+        self.encoder = ConvEncoder(channels, convs, cell, cell_dim, dropout)
+        feat = self.encoder.out_channels
+        self.embed = nn.Embedding(num_classes + 2, embed)
+        self.init_h = nn.Linear(feat, hidden)
+        self.init_c = nn.Linear(feat, hidden)
+        if attention:
+            self.attn_feat = nn.Linear(feat, attn_dim)
+            self.attn_hidden = nn.Linear(hidden, attn_dim, bias=False)
+            self.attn_score = nn.Linear(attn_dim, 1, bias=False)
+        self.cell = nn.LSTMCell(embed + feat, hidden)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden + feat, num_classes + 1)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Features (B, L, D), their attention keys (B, L, A) and the initial LSTM state."""
+        fmap = self.encoder(x)                                   # (B, D, h, w)
+        feats = fmap.flatten(2).transpose(1, 2)                  # (B, D, h, w) -> (B, L=h*w, D)
+        mean = feats.mean(dim=1)                                 # (B, D)
+        keys = self.attn_feat(feats) if self.attention else feats
+        return feats, keys, (torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)))
+
+    def step(self, tokens: torch.Tensor, state, feats: torch.Tensor, keys: torch.Tensor):
+        """One decoding step: logits (B, C+1), the new state and the attention weights (B, L)."""
+        h, c = state
+        if self.attention:
+            scores = self.attn_score(torch.tanh(keys + self.attn_hidden(h)[:, None]))  # (B, L, 1)
+            alpha = scores.squeeze(-1).softmax(dim=1)                                  # (B, L)
+        else:
+            alpha = feats.new_full(feats.shape[:2], 1.0 / feats.shape[1])
+        context = torch.bmm(alpha[:, None], feats).squeeze(1)    # (B, 1, L) @ (B, L, D) -> (B, D)
+        h, c = self.cell(torch.cat([self.embed(tokens), context], dim=1), (h, c))
+        logits = self.out(self.drop(torch.cat([h, context], dim=1)))
+        return logits, (h, c), alpha
+
+    def forward(self, x: torch.Tensor, teacher: torch.Tensor | Teacher, steps: int | None = None) -> torch.Tensor:
+        """Teacher-forced logits (B, T, C+1). `teacher` is the target tokens (B, T), fed back shifted by
+        one, or a function choosing each step's target from that step's logits (orderless training)."""
+        feats, keys, state = self.encode(x)
+        steps = teacher.shape[1] if isinstance(teacher, torch.Tensor) else steps
+        tokens = torch.full((len(x),), self.start, dtype=torch.long, device=x.device)
+        logits = []
+        for t in range(steps):
+            step_logits, state, _ = self.step(tokens, state, feats, keys)
+            logits.append(step_logits)
+            target = teacher[:, t] if isinstance(teacher, torch.Tensor) else teacher(t, step_logits)
+            tokens = target.clamp(min=0)  # padding (-100) after END is never scored; feed any valid token
+        return torch.stack(logits, dim=1)
+
+    def _allowed(self, emitted: torch.Tensor, t: int) -> torch.Tensor:
+        """Mask (…, C+1) of tokens that may come next: no label twice, only END once max_labels are out."""
+        allowed = torch.cat([~emitted, torch.ones_like(emitted[..., :1])], dim=-1)
+        if t >= self.max_labels:
+            allowed[..., : self.num_classes] = False
+        return allowed
+
+    @torch.no_grad()
+    def generate(self, x: torch.Tensor, beam_size: int | None = None) -> dict[str, torch.Tensor]:
+        """Decode from the image alone. Returns 'labels' (B, C) bool, 'scores' (B, C) each class's highest
+        probability over the decoding steps, 'tokens' (B, T) (END-padded) and 'alpha' (B, T, L)."""
+        beam_size = beam_size or self.beam_size
+        out = self._greedy(x) if beam_size == 1 else self._beam(x, beam_size)
+        pad = self.max_labels + 1 - out["tokens"].shape[1]  # decoding stops early once every image is done
+        out["tokens"] = F.pad(out["tokens"], (0, pad), value=self.end)
+        out["alpha"] = F.pad(out["alpha"], (0, 0, 0, pad))
+        return out
+
+    def _greedy(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats, keys, state = self.encode(x)
+        b, c = len(x), self.num_classes
+        tokens = torch.full((b,), self.start, dtype=torch.long, device=x.device)
+        emitted = torch.zeros(b, c, dtype=torch.bool, device=x.device)
+        done = torch.zeros(b, dtype=torch.bool, device=x.device)
+        scores = torch.zeros(b, c, device=x.device)
+        out, alphas = [], []
+        for t in range(self.max_labels + 1):
+            logits, state, alpha = self.step(tokens, state, feats, keys)
+            probs = logits.float().softmax(dim=1)
+            scores = torch.where(done[:, None], scores, torch.maximum(scores, probs[:, :c]))
+            tokens = logits.masked_fill(~self._allowed(emitted, t), float("-inf")).argmax(dim=1)
+            tokens = torch.where(done, self.end, tokens)
+            emitted |= F.one_hot(tokens, c + 1)[:, :c].bool()
+            done |= tokens == self.end
+            out.append(tokens)
+            alphas.append(alpha)
+            if done.all():
+                break
+        return {"labels": emitted, "scores": scores, "tokens": torch.stack(out, 1), "alpha": torch.stack(alphas, 1)}
+
+    def _beam(self, x: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+        feats, keys, (h, c) = self.encode(x)
+        b, n, v = len(x), self.num_classes, self.num_classes + 1
+        dev = x.device
+
+        def tile(t):  # (B, ...) -> (B*K, ...)
+            return t.repeat_interleave(k, dim=0)
+
+        feats, keys, h, c = tile(feats), tile(keys), tile(h), tile(c)
+        tokens = torch.full((b * k,), self.start, dtype=torch.long, device=dev)
+        logp = torch.full((b, k), float("-inf"), device=dev)
+        logp[:, 0] = 0.0                                    # one live beam at first, so none are duplicates
+        emitted = torch.zeros(b, k, n, dtype=torch.bool, device=dev)
+        done = torch.zeros(b, k, dtype=torch.bool, device=dev)
+        scores = torch.zeros(b, k, n, device=dev)
+        history = torch.zeros(b, k, 0, dtype=torch.long, device=dev)
+        alphas = torch.zeros(b, k, 0, feats.shape[1], device=dev)
+        for t in range(self.max_labels + 1):
+            logits, (h, c), alpha = self.step(tokens, (h, c), feats, keys)
+            step_logp = logits.float().log_softmax(dim=1).view(b, k, v)
+            step_logp = step_logp.masked_fill(~self._allowed(emitted, t), float("-inf"))
+            # A finished beam continues only with END, at no cost, so it keeps its score.
+            finished = torch.full_like(step_logp, float("-inf"))
+            finished[..., self.end] = 0.0
+            step_logp = torch.where(done[..., None], finished, step_logp)
+            total = (logp[..., None] + step_logp).view(b, k * v)                 # (B, K*V)
+            logp, flat = total.topk(k, dim=1)                                    # (B, K)
+            parent, tokens2d = flat // v, flat % v
+            pick = lambda t_: t_.gather(1, parent.view(b, k, *([1] * (t_.dim() - 2))).expand_as(t_))  # noqa: E731
+            emitted, done, scores, history, alphas = map(pick, (emitted, done, scores, history, alphas))
+            rows = (parent + torch.arange(b, device=dev)[:, None] * k).flatten()
+            h, c = h[rows], c[rows]
+            probs = logits.float().softmax(dim=1)[rows].view(b, k, v)[..., :n]
+            scores = torch.where(done[..., None], scores, torch.maximum(scores, probs))
+            emitted = emitted | F.one_hot(tokens2d, v)[..., :n].bool()
+            done = done | (tokens2d == self.end)
+            history = torch.cat([history, tokens2d[..., None]], dim=2)
+            alphas = torch.cat([alphas, alpha[rows].view(b, k, 1, -1)], dim=2)
+            tokens = tokens2d.flatten()
+            if done.all():
+                break
+        best = logp.argmax(dim=1)                                                # (B,)
+        sel = lambda t_: t_[torch.arange(b, device=dev), best]  # noqa: E731
+        return {"labels": sel(emitted), "scores": sel(scores), "tokens": sel(history), "alpha": sel(alphas)}

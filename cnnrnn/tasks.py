@@ -1,0 +1,208 @@
+"""Single-label vs multi-label: inputs, loss, prediction and metrics. The only place the two differ.
+
+A task turns a batch dict into model inputs and a loss (`loss`), into predictions from the image alone
+(`predict`), and turns the predictions of a whole split into metrics (`metrics`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnrnn import metrics
+from cnnrnn.data.composite import cell_crops
+from cnnrnn.data.fashion_mnist import CLASSES
+
+MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training pixels, on the [0, 1] scale
+
+
+def to_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (B, H, W) -> normalised float (B, 1, H, W)."""
+    return ((images.float() / 255.0 - MEAN) / STD).unsqueeze(1)   # (B, H, W) -> (B, 1, H, W)
+
+
+class Classification:
+    """One label per image: cross-entropy, argmax, accuracy."""
+
+    kind, select = "single", "acc"
+
+    def __init__(self, classes=CLASSES, label_smoothing: float = 0.0):
+        self.classes, self.label_smoothing = tuple(classes), label_smoothing
+
+    def target(self, batch) -> torch.Tensor:
+        return batch["label"]
+
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model(to_input(batch["image"]))
+        loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
+        return loss, {"acc": (logits.argmax(1) == batch["label"]).float().mean()}
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
+        probs = model(to_input(batch["image"])).float().softmax(dim=1)
+        return {"pred": probs.argmax(dim=1), "scores": probs}
+
+    def labels(self, out: dict[str, torch.Tensor]) -> list[list[int]]:
+        return [[int(p)] for p in out["pred"]]
+
+    def metrics(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, float]:
+        return metrics.single_label(target.numpy(), out["pred"].numpy(), self.classes)
+
+    def state(self) -> dict:
+        return {}
+
+
+class MultiLabelBCE:
+    """A set of labels per image from independent sigmoids; the threshold is tuned on validation data."""
+
+    kind, select = "bce", "f1_samples"
+
+    def __init__(self, classes=CLASSES, threshold: float = 0.5):
+        self.classes, self.threshold = tuple(classes), threshold
+
+    def target(self, batch) -> torch.Tensor:
+        return batch["labels"]
+
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model(to_input(batch["image"]))
+        return F.binary_cross_entropy_with_logits(logits.float(), batch["labels"]), {}
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
+        scores = model(to_input(batch["image"])).float().sigmoid()
+        return {"pred": scores >= self.threshold, "scores": scores}
+
+    def labels(self, out: dict[str, torch.Tensor]) -> list[list[int]]:
+        return [row.nonzero().flatten().tolist() for row in out["pred"]]
+
+    def metrics(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, float]:
+        return metrics.multi_label(target.numpy(), out["pred"].numpy(), self.classes, out["scores"].numpy())
+
+    def tune(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> float:
+        """Set the threshold that maximises micro F1 on these (validation) predictions."""
+        self.threshold = metrics.best_threshold(target.numpy(), out["scores"].numpy())
+        return self.threshold
+
+    def state(self) -> dict:
+        return {"threshold": self.threshold}
+
+
+class LabelSequence:
+    """A set of labels emitted one after another by a decoder, in a chosen training order.
+
+    Orders: 'frequency' (most frequent training class first), 'rare_first', 'spatial' (reading order of
+    the cells), 'random' (reshuffled every batch) and 'orderless' (at each step the target is the remaining
+    true label the model ranks highest: predicted-label alignment, Yazici et al. 2020).
+    """
+
+    kind, select = "sequence", "f1_samples"
+
+    def __init__(self, classes=CLASSES, order: str = "frequency", class_counts=None, max_labels: int = 4,
+                 label_smoothing: float = 0.0):
+        self.classes, self.order, self.max_labels = tuple(classes), order, max_labels
+        self.label_smoothing = label_smoothing
+        counts = torch.as_tensor(class_counts if class_counts is not None else [1] * len(classes)).double()
+        # Position of each class in the frequency order; ties go to the lower class index.
+        by_frequency = sorted(range(len(classes)), key=lambda c: (-counts[c].item(), c))
+        self.rank = torch.empty(len(classes)).index_put_((torch.tensor(by_frequency),),
+                                                          torch.arange(len(classes), dtype=torch.float))
+
+    def target(self, batch) -> torch.Tensor:
+        return batch["labels"]
+
+    def sequences(self, labels: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """Target tokens (B, max_labels+1): the label set in this task's order, END, then -100 padding."""
+        b, c = labels.shape
+        present = labels.bool()
+        if self.order == "frequency":
+            key = self.rank.to(labels.device).expand(b, c)
+        elif self.order == "rare_first":
+            key = -self.rank.to(labels.device).expand(b, c)
+        elif self.order == "spatial":
+            # first cell (reading order) holding each class; cells (B, G*G) hold a class or -1
+            pos = torch.arange(cells.shape[1], device=cells.device, dtype=torch.float).expand_as(cells)
+            key = torch.full((b, c + 1), float("inf"), device=cells.device)
+            key = key.scatter_reduce(1, torch.where(cells >= 0, cells, c), pos, reduce="amin")[:, :c]
+        elif self.order == "random":
+            key = torch.rand(b, c, device=labels.device)
+        else:
+            raise ValueError(f"order {self.order!r} has no fixed sequence")
+        ordered = key.masked_fill(~present, float("inf")).argsort(dim=1)          # (B, C) present first
+        n = present.sum(1, keepdim=True)                                           # (B, 1)
+        t = torch.arange(self.max_labels + 1, device=labels.device).expand(b, -1)  # (B, T)
+        seq = ordered[:, : self.max_labels + 1] if c >= self.max_labels + 1 else F.pad(
+            ordered, (0, self.max_labels + 1 - c))
+        seq = torch.where(t < n, seq, torch.full_like(seq, -100))
+        return seq.masked_fill(t == n, c)  # END right after the last label
+
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        x = to_input(batch["image"])
+        end = len(self.classes)
+        if self.order == "orderless":
+            remaining = batch["labels"].bool().clone()
+            ended = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+            chosen = []
+
+            def teacher(step: int, logits: torch.Tensor) -> torch.Tensor:
+                nonlocal ended
+                ranked = logits.detach()[:, :end].float().masked_fill(~remaining, float("-inf"))
+                has = remaining.any(dim=1)
+                target = torch.where(has, ranked.argmax(dim=1), end)
+                remaining[has, target[has]] = False
+                target = torch.where(ended, -100, target)
+                ended = ended | ~has
+                chosen.append(target)
+                return target
+
+            logits = model(x, teacher, steps=self.max_labels + 1)
+            targets = torch.stack(chosen, dim=1)
+        else:
+            targets = self.sequences(batch["labels"], batch["cells"])
+            logits = model(x, targets)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                               label_smoothing=self.label_smoothing)
+        return loss, {}
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
+        # Only the image reaches the decoder, which feeds back its own outputs.
+        out = model.generate(to_input(batch["image"]))
+        return {"pred": out["labels"], "scores": out["scores"], "tokens": out["tokens"], "alpha": out["alpha"]}
+
+    def labels(self, out: dict[str, torch.Tensor]) -> list[list[int]]:
+        end = len(self.classes)
+        return [[int(t) for t in row if t < end] for row in out["tokens"]]  # in emission order
+
+    def metrics(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, float]:
+        return metrics.multi_label(target.numpy(), out["pred"].numpy(), self.classes, out["scores"].numpy())
+
+    def state(self) -> dict:
+        return {"order": self.order}
+
+
+class TileOracle:
+    """Reference for composites: a single-label model applied to each occupied cell, told where the items
+    are (batch['cells']), its predictions joined into a set. Scored with the multi-label metrics."""
+
+    kind, select = "oracle", "f1_samples"
+
+    def __init__(self, grid: int, classes=CLASSES):
+        self.grid, self.classes = grid, tuple(classes)
+
+    def target(self, batch) -> torch.Tensor:
+        return batch["labels"]
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
+        crops = cell_crops(batch["image"], self.grid)                    # (B, G*G, 28, 28)
+        occupied = batch["cells"] >= 0                                   # (B, G*G)
+        probs = model(to_input(crops[occupied])).float().softmax(dim=1)  # (items, C)
+        cell_probs = probs.new_zeros(*occupied.shape, len(self.classes))
+        cell_probs[occupied] = probs                                     # (B, G*G, C), empty cells 0
+        pred = torch.zeros_like(cell_probs, dtype=torch.bool)
+        pred[occupied] = F.one_hot(probs.argmax(1), len(self.classes)).bool()
+        return {"pred": pred.any(dim=1), "scores": cell_probs.amax(dim=1)}
+
+    def metrics(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, float]:
+        return metrics.multi_label(target.numpy(), out["pred"].numpy(), self.classes, out["scores"].numpy())

@@ -1,0 +1,327 @@
+"""Train a model: python -m cnnrnn.train task=lstm|lstm2|cnn|multilabel|multilabel_bce [key=value ...].
+
+A thin Hydra entry point: the command line is checked first (one clear sentence for a bad key, value or
+run dir), then `run(cfg, out_dir)` does the work, so tests call `run` directly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cnnrnn import build, cli, report, viz
+from cnnrnn.config import Config, from_dict
+from cnnrnn.data import fashion_mnist
+from cnnrnn.data.loader import batches, num_batches
+from cnnrnn.engine import NonFiniteLoss, load_checkpoint, rng_state, save_checkpoint, set_rng_state, train_one_epoch
+from cnnrnn.errors import UserError
+from cnnrnn.models import count_params
+
+log = logging.getLogger("cnnrnn")
+class StopSignals:
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step; a second signal kills at once."""
+
+    def __init__(self):
+        self.signum = None
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, signal.SIG_DFL)
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class NullWriter:
+    """Stands in for SummaryWriter on ranks other than 0."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu.")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(name)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size): torchrun's environment, gloo on CPU, nccl on CUDA; (0, 1) without torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _flat_hparams(cfg: Config) -> dict:
+    flat = {"task": cfg.task, "seed": cfg.seed, **{f"trainer.{k}": v for k, v in vars(cfg.trainer).items()},
+            **{f"optim.{k}": v for k, v in vars(cfg.optim).items()},
+            **{f"data.{k}": v for k, v in vars(cfg.data).items() if k not in ("root",)},
+            **{f"model.{k}": v for k, v in cfg.model.items()}}
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat.items()}
+
+
+def run(cfg: Config, out_dir: str | Path) -> dict:
+    """Train, select on validation, test once; write checkpoints, TensorBoard events, metrics.json, curves.png."""
+    saved = None
+    if cfg.resume:  # the run continues exactly as it was configured
+        out_dir = Path(cfg.resume)
+        saved = load_checkpoint(out_dir / "checkpoints" / "last.pt")
+        cfg = from_dict({**saved["config"], "resume": cfg.resume})
+        if saved.get("finished"):
+            log.info("Run %s is finished; nothing to do.", out_dir)
+            return json.loads((out_dir / "metrics.json").read_text())
+    out_dir = Path(out_dir)
+    t_start = time.time()
+    device = pick_device(cfg.trainer.device)
+    rank, world = init_distributed(device)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    amp = cfg.trainer.amp or device.type == "cuda"
+    seed_everything(cfg.seed)
+
+    data = fashion_mnist.splits(cfg.data.root, cfg.data.val_size, cfg.data.limit, cfg.data.seed)
+    build.check_sizes(cfg, len(data["train"]), world)
+    task = build.task(cfg, data["train"].labels)
+    src = build.sources(cfg, data)
+    model = build.model(cfg).to(device)
+    if cfg.kind != "single":
+        model = model.to(memory_format=torch.channels_last)
+    params = count_params(model)
+    steps_per_epoch = num_batches(len(src.train), cfg.trainer.batch_size, drop_last=True)
+    optimizer, scheduler = build.optimizer(cfg, model, steps_per_epoch)
+    log.info("task=%s model=%s params=%d train=%d val=%d test=%d device=%s%s", cfg.task, cfg.model["name"], params,
+             len(src.train), len(src.val), len(src.test), device, f" ranks={world}" if world > 1 else "")
+
+    ckpt_dir = out_dir / "checkpoints"
+    st = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": -math.inf, "best_epoch": 0, "history": [],
+          "loop_s": 0.0, "loop_steps": 0, "wall_s": 0.0, "finished": False}
+    # With trainer.ema the weights that are evaluated and saved as "model" are an exponential moving average
+    # of the trained ones, which are kept as "train_model" for resuming.
+    ema = None
+    if cfg.trainer.ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.trainer.ema), use_buffers=True)
+    eval_model = ema.module if ema is not None else model
+    if saved is not None:
+        model.load_state_dict(saved.get("train_model", saved["model"]))
+        if ema is not None:
+            ema.module.load_state_dict(saved["model"])
+            ema.n_averaged.fill_(saved["ema_n"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"])
+        st.update({k: saved[k] for k in st})
+        log.info("Resuming %s at epoch %d, step %d", out_dir, st["epoch"] + 1, st["global_step"])
+
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model)
+    if cfg.trainer.compile:
+        train_model = torch.compile(train_model)
+
+    writer = NullWriter()
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        # purge_step hides points a killed run logged after its last checkpoint: no duplicates on resume.
+        writer = SummaryWriter(str(out_dir), purge_step=st["global_step"] if cfg.resume else None)
+
+    def checkpoint(path: Path, **extra) -> None:
+        if rank == 0:
+            weights = {"model": eval_model.state_dict()}
+            if ema is not None:
+                weights.update(train_model=model.state_dict(), ema_n=int(ema.n_averaged))
+            save_checkpoint(path, {**weights, "optimizer": optimizer.state_dict(),
+                                   "scheduler": scheduler.state_dict(), "rng": rng_state(), "config": cfg.to_dict(),
+                                   "classes": list(fashion_mnist.CLASSES), "params": params,
+                                   "task_state": task.state(), **{**st, "wall_s": st["wall_s"] + time.time() - t_start},
+                                   **extra})
+
+    names = report.scalar_names(cfg.kind)
+    with StopSignals() as stop:
+        while st["epoch"] < cfg.trainer.epochs and not st["finished"]:
+            epoch = st["epoch"]
+            train_batches = batches(src.train, cfg.trainer.batch_size, epoch=epoch, start=st["step_in_epoch"],
+                                    drop_last=True, rank=rank, world=world)
+            bar = None
+            if cfg.trainer.progress and rank == 0:
+                from tqdm import tqdm
+                bar = tqdm(train_batches, total=steps_per_epoch, initial=st["step_in_epoch"], mininterval=1.0,
+                           desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}", leave=False, dynamic_ncols=True)
+            t_loop, seen = time.perf_counter(), 0
+
+            def on_step(step: int, loss: float, stats: dict, n: int) -> bool:
+                nonlocal seen
+                seen += n * world
+                if ema is not None:
+                    ema.update_parameters(model)
+                writer.add_scalar("train/loss", loss, step)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in stats.items()},
+                                    samples_s=f"{seen / (time.perf_counter() - t_loop):.0f}", refresh=False)
+                if cfg.trainer.ckpt_every and step % cfg.trainer.ckpt_every == 0:
+                    st.update(global_step=step, step_in_epoch=step - epoch * steps_per_epoch)
+                    checkpoint(ckpt_dir / "last.pt")
+                return stop.signum is not None
+
+            try:
+                result = train_one_epoch(train_model, task, optimizer, scheduler, bar or train_batches, device=device,
+                                         amp=amp, grad_clip=cfg.optim.grad_clip, first_step=st["global_step"],
+                                         on_step=on_step)
+            except NonFiniteLoss as exc:
+                raise UserError(f"The training loss became {exc.value} at step {exc.step} (epoch {epoch + 1}); "
+                                f"stopped, and {ckpt_dir / 'last.pt'} still holds the last good state; lower "
+                                f"optim.lr or set optim.grad_clip.") from None
+            finally:
+                if bar is not None:
+                    bar.close()
+            loop_s = time.perf_counter() - t_loop
+            st["loop_s"] += loop_s
+            st["loop_steps"] += result["steps"]
+            st["global_step"] = result["step"]
+            if result["stopped"]:
+                st["step_in_epoch"] += result["steps"]
+                checkpoint(ckpt_dir / "last.pt")
+                name = signal.Signals(stop.signum).name
+                log.warning("Stopped by %s at epoch %d, step %d; saved %s; continue with resume=%s", name, epoch + 1,
+                            st["global_step"], ckpt_dir / "last.pt", out_dir)
+                writer.close()
+                raise SystemExit(128 + stop.signum)
+
+            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train/loss_running": result["loss"],
+                      "perf/ms_per_step": 1000 * loop_s / max(result["steps"], 1),
+                      "perf/samples_per_s": result["steps"] * cfg.trainer.batch_size / loop_s,
+                      "perf/data_share": max(0.0, 1 - result["compute_s"] / loop_s)}
+            if rank == 0:
+                if len(src.train_eval):
+                    train_m, _, _ = report.score(eval_model, task, src.train_eval, device, amp)
+                    # the per-step series owns train/loss; this is the loss of the fixed training items
+                    record.update({f"train/{k}" if k != "loss" else "train/epoch_loss": train_m[k]
+                                   for k in names if k in train_m})
+                val_m, _, _ = report.score(eval_model, task, src.val, device, amp)
+                record.update({f"val/{k}": val_m[k] for k in names if k in val_m})
+                for tag, value in record.items():
+                    if tag != "epoch" and tag != "train/loss_running":
+                        writer.add_scalar(tag, value, st["global_step"])
+                writer.flush()
+                log.info("epoch %d/%d  %s", epoch + 1, cfg.trainer.epochs, "  ".join(
+                    f"{k}={v:.4f}" for k, v in record.items() if k.startswith(("train/", "val/"))) +
+                    f"  {record['perf/ms_per_step']:.1f} ms/step")
+            st["history"].append(record)
+            st["epoch"], st["step_in_epoch"] = epoch + 1, 0
+            score = record.get(f"val/{task.select}", -math.inf)
+            if score > st["best"]:
+                st["best"], st["best_epoch"] = score, epoch + 1
+                checkpoint(ckpt_dir / "best.pt")
+            checkpoint(ckpt_dir / "last.pt")
+            if world > 1:
+                dist.barrier()
+            if stop.signum is not None:
+                log.warning("Stopped by %s after epoch %d; saved %s; continue with resume=%s",
+                            signal.Signals(stop.signum).name, epoch + 1, ckpt_dir / "last.pt", out_dir)
+                raise SystemExit(128 + stop.signum)
+
+    if rank != 0:
+        return {}
+    metrics = finish(cfg, out_dir, eval_model, task, src, writer, st, params, device, amp, t_start)
+    writer.close()
+    return metrics
+
+
+def finish(cfg, out_dir, model, task, src, writer, st, params, device, amp, t_start) -> dict:
+    """Test the best checkpoint once; write metrics.json, curves.png, figures, hparams; mark the run finished."""
+    ckpt_dir = out_dir / "checkpoints"
+    best = load_checkpoint(ckpt_dir / "best.pt")
+    model.load_state_dict(best["model"])
+    summary = {}
+    if cfg.kind == "bce":
+        _, val_out, val_t = report.score(model, task, src.val, device, amp)
+        summary["threshold"] = task.tune(val_out, val_t)
+        log.info("threshold tuned on validation (micro F1): %.2f", task.threshold)
+    results, test_out, test_t = report.score_test(model, task, src.test, device, amp)
+    summary.update({"params": params, "train/ms_per_step": 1000 * st["loop_s"] / max(st["loop_steps"], 1),
+                    "wall_time_s": st["wall_s"] + time.time() - t_start, f"val/{task.select}_best": st["best"],
+                    "best_epoch": st["best_epoch"], "epochs": st["epoch"]})
+    if cfg.kind != "single":
+        summary.update(tile_oracle(cfg, out_dir, src.test, device))
+    results.update(summary)
+    names = report.scalar_names(cfg.kind)
+    report.write_figures(writer, cfg.kind, task, src.test, test_out, test_t, st["global_step"])
+    writer.add_hparams(_flat_hparams(cfg), {f"test/{k}": results[f"test/{k}"] for k in names},
+                       run_name=".", global_step=st["global_step"])
+    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    viz.save(viz.curves(st["history"], names[0], f"{cfg.task}: {cfg.model['name']}"), out_dir / "curves.png")
+    save_checkpoint(ckpt_dir / "best.pt", {**best, "task_state": task.state(), "summary": summary})
+    last = load_checkpoint(ckpt_dir / "last.pt")
+    save_checkpoint(ckpt_dir / "last.pt", {**last, "finished": True, "task_state": task.state(), "summary": summary})
+    log.info("test: %s", "  ".join(f"{k}={results[f'test/{k}']:.4f}" for k in names))
+    log.info("wrote %s (%.0f s)", out_dir / "metrics.json", summary["wall_time_s"])
+    return results
+
+
+def tile_oracle(cfg: Config, out_dir: Path, test_src, device) -> dict:
+    """The single-label cnn applied to each occupied test cell: oracle/* metrics on the same composites."""
+    if cfg.oracle.ckpt:
+        path = Path(cfg.oracle.ckpt)
+    else:
+        sub = out_dir / "oracle"
+        log.info("tile oracle: training the single-label cnn for %d epochs in %s (set oracle.ckpt to reuse one)",
+                 cfg.oracle.epochs, sub)
+        oracle_cfg = cli.compose_config([
+            "task=cnn", f"trainer.epochs={cfg.oracle.epochs}", f"seed={cfg.seed}",
+            f"trainer.device={cfg.trainer.device}", f"trainer.progress={str(cfg.trainer.progress).lower()}",
+            f"data.root={cfg.data.root}", f"data.val_size={cfg.data.val_size}", f"data.seed={cfg.data.seed}",
+            f"data.limit={'null' if cfg.data.limit is None else cfg.data.limit}",
+            f"data.train_eval_size={cfg.data.train_eval_size}"])
+        finished = (sub / "checkpoints" / "last.pt").is_file() and load_checkpoint(sub / "checkpoints" / "last.pt").get(
+            "finished")
+        if not finished:
+            if (sub / "checkpoints" / "last.pt").is_file():
+                oracle_cfg.resume = str(sub)
+            run(oracle_cfg, sub)
+        path = sub / "checkpoints" / "best.pt"
+    saved = load_checkpoint(path)
+    saved_cfg = from_dict(saved["config"])
+    if saved_cfg.model.get("name") != "cnn":
+        raise UserError(f"oracle.ckpt={path} holds a {saved_cfg.model.get('name')} model; the tile oracle needs a "
+                        f"checkpoint of task=cnn.")
+    model = build.model(saved_cfg).to(device)
+    model.load_state_dict(saved["model"])
+    m = report.score_oracle(model, cfg.data.grid, test_src, device)
+    log.info("tile oracle (%s): f1_samples=%.4f exact_match=%.4f", path, m["oracle/f1_samples"], m["oracle/exact_match"])
+    return {**m, "oracle/ckpt": str(path)}
+
+
+def main() -> None:
+    cli.hydra_entry(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Figures for TensorBoard and PNG: curves, confusion matrix, labelled image grids, attention, per-class bars."""
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+OK, WRONG = "#1a7f37", "#cf222e"
+
+
+def curves(history: list[dict], metric: str, title: str = "") -> plt.Figure:
+    """Metric and loss per epoch, train and validation, like the write-up's performance plots."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    epochs = [h["epoch"] for h in history]
+    for ax, name in zip(axes, (metric, "loss")):
+        for split, style in (("train", "-o"), ("val", "-s")):
+            key = "train/epoch_loss" if (split, name) == ("train", "loss") else f"{split}/{name}"
+            values = [h.get(key) for h in history]
+            if any(v is not None for v in values):
+                ax.plot(epochs, values, style, ms=3, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix(cm: np.ndarray, classes) -> plt.Figure:
+    """Row-normalised confusion matrix with counts (rows: true class)."""
+    fig, ax = plt.subplots(figsize=(7, 6))
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i, j in np.ndindex(cm.shape):
+        ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    return fig
+
+
+def labelled_grid(images: torch.Tensor, true: list[list[str]], pred: list[list[str]], cols: int = 6) -> plt.Figure:
+    """Images (N, H, W) with their true and predicted names; a wrong prediction is red, missed names listed."""
+    n = len(images)
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.0, rows * 2.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, t, p in zip(axes.flat, images, true, pred):
+        ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=255)
+        right = set(t) == set(p)
+        marks = [name if name in t else f"✗{name}" for name in p]
+        ax.set_title(f"true: {', '.join(t)}\npred: {', '.join(marks) or '(none)'}", fontsize=6.5,
+                     color=OK if right else WRONG)
+    fig.tight_layout()
+    return fig
+
+
+def attention(images: torch.Tensor, alphas: torch.Tensor, tokens: torch.Tensor, classes, end: int) -> plt.Figure:
+    """Per image, the attention map at each decoding step over the image, titled with the emitted label."""
+    n, steps = len(images), alphas.shape[1]
+    side = int(round(math.sqrt(alphas.shape[2])))
+    fig, axes = plt.subplots(n, steps + 1, figsize=((steps + 1) * 1.8, n * 1.9), squeeze=False)
+    for i in range(n):
+        img = images[i].numpy()
+        axes[i, 0].imshow(img, cmap="gray", vmin=0, vmax=255)
+        axes[i, 0].set_title("image", fontsize=7)
+        for t in range(steps):
+            ax = axes[i, t + 1]
+            ax.imshow(img, cmap="gray", vmin=0, vmax=255)
+            token = int(tokens[i, t])
+            if t == 0 or int(tokens[i, t - 1]) != end:
+                amap = alphas[i, t].view(1, 1, side, side).float()
+                amap = torch.nn.functional.interpolate(amap, size=img.shape, mode="nearest")[0, 0]
+                ax.imshow(amap.numpy(), cmap="jet", alpha=0.45)
+                ax.set_title(f"{t + 1}: {classes[token] if token < end else 'END'}", fontsize=7)
+        for ax in axes[i]:
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def per_class_bars(values: dict[str, float], ylabel: str) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = list(values)
+    ax.bar(range(len(names)), [values[k] for k in names], color="#0969da")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(min(0.5, min(values.values()) - 0.05), 1.0)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: plt.Figure, path) -> None:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny Fashion-MNIST-shaped IDX files written by the tests (torchvision's pattern)."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnnrnn.data import fashion_mnist
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL_DIRS = [ROOT / "data", ROOT / "data" / "FashionMNIST" / "raw", fashion_mnist.SYSTEM_DIR]
+N_TRAIN, N_TEST = 600, 200
+
+
+def idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:
+    """IDX encoding of a uint8 array: magic (0x0803 for images, 0x0801 for labels), dims, data."""
+    magic = magic if magic is not None else 0x0800 | array.ndim
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def fake_items(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable fake items: class c is a bright bar at row 2c+3 over faint noise, light on black."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        images[i, 2 * c + 3: 2 * c + 6, 4:24] = 220
+    return images, labels.astype(np.uint8)
+
+
+def write_dataset(folder: Path, gz: bool = True) -> dict[str, bytes]:
+    """The four files in `folder`; returns their decompressed bytes by name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train, test = fake_items(N_TRAIN, 0), fake_items(N_TEST, 1)
+    payloads = {"train-images-idx3-ubyte": idx_bytes(train[0]), "train-labels-idx1-ubyte": idx_bytes(train[1]),
+                "t10k-images-idx3-ubyte": idx_bytes(test[0]), "t10k-labels-idx1-ubyte": idx_bytes(test[1])}
+    for name, data in payloads.items():
+        if gz:
+            with gzip.open(folder / f"{name}.gz", "wb") as f:
+                f.write(data)
+        else:
+            (folder / name).write_bytes(data)
+    return payloads
+
+
+@pytest.fixture
+def fake_spec(monkeypatch, tmp_path):
+    """Make the loader expect the tiny fake files (their counts and checksums) and hide the system package."""
+    payloads = write_dataset(tmp_path / "reference")
+    files = {name: (fashion_mnist.FILES[name][0], N_TRAIN if name.startswith("train") else N_TEST,
+                    hashlib.md5(data).hexdigest()) for name, data in payloads.items()}
+    monkeypatch.setattr(fashion_mnist, "FILES", files)
+    monkeypatch.setattr(fashion_mnist, "SYSTEM_DIR", tmp_path / "no-system-package")
+    monkeypatch.setattr(fashion_mnist, "_download", lambda root: "offline in tests")
+    return files
+
+
+@pytest.fixture
+def fake_root(fake_spec, tmp_path) -> Path:
+    root = tmp_path / "data"
+    write_dataset(root)
+    return root
+
+
+def real_data_available() -> bool:
+    return any(all(fashion_mnist._path_in(d, n) for n in fashion_mnist.FILES) for d in REAL_DIRS)
+
+
+needs_real_data = pytest.mark.skipif(
+    not real_data_available(),
+    reason="the real Fashion-MNIST files are absent (apt-get install dataset-fashion-mnist, or put them in data/)")
+
+
+def tiny(root: Path, *extra: str) -> list[str]:
+    """Overrides for a seconds-long run on the fake dataset."""
+    return [f"data.root={root}", "data.val_size=100", "data.train_eval_size=100", "trainer.batch_size=50",
+            "trainer.epochs=2", "trainer.progress=false", "oracle.epochs=1", *extra]
+
+
+def cli_env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HYDRA_FULL_ERROR="0")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+PYTHON = sys.executable

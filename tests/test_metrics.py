@@ -1,0 +1,66 @@
+"""Metric functions on hand-computed cases and against scikit-learn."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from cnnrnn import metrics
+
+CLASSES = ("a", "b", "c")
+# 4 images x 3 classes; counted by hand below.
+TRUE = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 1], [0, 0, 1]])
+PRED = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [1, 0, 1]])
+
+
+def test_multi_label_by_hand():
+    m = metrics.multi_label(TRUE, PRED, CLASSES)
+    # class a: tp 2, fp 1, fn 0; b: tp 1, fp 0, fn 1; c: tp 1, fp 0, fn 1
+    assert m["precision_micro"] == pytest.approx(4 / 5) and m["recall_micro"] == pytest.approx(4 / 6)
+    assert m["f1_micro"] == pytest.approx(2 * 4 / (2 * 4 + 1 + 2))
+    f1 = {"a": 2 * 2 / (2 * 2 + 1), "b": 2 / 3, "c": 2 / 3}
+    assert m["f1/a"] == pytest.approx(f1["a"]) and m["f1_macro"] == pytest.approx(np.mean(list(f1.values())))
+    p_macro, r_macro = (2 / 3 + 1 + 1) / 3, (1 + 0.5 + 0.5) / 3
+    assert m["cf1"] == pytest.approx(2 * p_macro * r_macro / (p_macro + r_macro))
+    assert m["cf1"] != pytest.approx(m["f1_macro"])  # CF1 is not macro-F1
+    # per image F1: 1, 2/3, 2/3, 2/3
+    assert m["f1_samples"] == pytest.approx((1 + 2 / 3 + 2 / 3 + 2 / 3) / 4)
+    assert m["exact_match"] == pytest.approx(1 / 4)
+    assert m["hamming_loss"] == pytest.approx(3 / 12)
+    assert m["cardinality_acc"] == pytest.approx(1 / 4)  # sizes true 1,2,2,1 vs predicted 1,1,1,2
+
+
+def test_multi_label_matches_scikit_learn_on_random_data():
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 2, (200, 10)), rng.integers(0, 2, (200, 10))
+    scores = rng.random((200, 10))
+    m = metrics.multi_label(y, p, [str(i) for i in range(10)], scores)
+    for avg in ("micro", "macro", "samples"):
+        assert m[f"f1_{avg}"] == pytest.approx(skm.f1_score(y, p, average=avg, zero_division=0))
+        assert m[f"precision_{avg}"] == pytest.approx(skm.precision_score(y, p, average=avg, zero_division=0))
+        assert m[f"recall_{avg}"] == pytest.approx(skm.recall_score(y, p, average=avg, zero_division=0))
+    assert m["exact_match"] == pytest.approx(skm.accuracy_score(y, p))
+    assert m["hamming_loss"] == pytest.approx(skm.hamming_loss(y, p))
+    assert m["map"] == pytest.approx(skm.average_precision_score(y, scores, average="macro"))
+
+
+def test_arguments_are_true_then_predicted():
+    """Swapping them changes precision into recall: the order is part of the contract."""
+    m, swapped = metrics.multi_label(TRUE, PRED, CLASSES), metrics.multi_label(PRED, TRUE, CLASSES)
+    assert m["precision_micro"] == pytest.approx(swapped["recall_micro"]) != m["recall_micro"]
+    s = metrics.single_label(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), CLASSES)
+    assert s["acc/a"] == 0.5 and s["acc/b"] == 1.0 and s["acc/c"] == 0.0 and s["acc"] == 0.5
+
+
+def test_map_perfect_ranking_and_absent_classes():
+    y = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0]])
+    scores = np.array([[0.9, 0.1, 0.5], [0.2, 0.8, 0.5], [0.7, 0.6, 0.5]])
+    assert metrics.multi_label(y, y, CLASSES, scores)["map"] == pytest.approx(1.0)  # class c has no positives
+
+
+def test_best_threshold_is_the_micro_f1_optimum():
+    y = np.array([[1, 0], [0, 1], [1, 1]])
+    scores = np.array([[0.35, 0.1], [0.2, 0.4], [0.45, 0.38]])
+    t = metrics.best_threshold(y, scores)
+    assert 0.2 < t <= 0.35
+    assert skm.f1_score(y, scores >= t, average="micro") == 1.0

@@ -1,0 +1,247 @@
+"""The promises of a trustworthy run: clear errors on bad input, atomic checkpoints, safe loading,
+exact resume after SIGKILL, and a clean stop on SIGINT/SIGTERM."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cnnrnn import engine
+from cnnrnn.cli import compose_config
+from cnnrnn.engine import load_checkpoint, save_checkpoint
+from cnnrnn.errors import UserError
+from cnnrnn.train import run
+from conftest import PYTHON, ROOT, cli_env, idx_bytes, needs_real_data, tiny, write_dataset
+
+
+def cli(*args, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", *map(str, args)], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory) -> Path:
+    """Files for the bad-input walk: broken datasets, broken checkpoints, a finished run, images."""
+    base = tmp_path_factory.mktemp("bad")
+    for name in ("truncated", "magic", "counts", "labels"):
+        write_dataset(base / name)  # tiny files: right format, wrong counts for the real loader
+    with gzip.open(base / "truncated" / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(idx_bytes(np.zeros((60000, 28, 28), np.uint8))[:5000])
+    with gzip.open(base / "magic" / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(idx_bytes(np.zeros((60000, 28, 28), np.uint8), magic=2049))
+    for name, array in (("train-images-idx3-ubyte", np.zeros((60000, 28, 28))), ("t10k-images-idx3-ubyte",
+                        np.zeros((10000, 28, 28))), ("train-labels-idx1-ubyte", np.full(60000, 12))):
+        with gzip.open(base / "labels" / f"{name}.gz", "wb", compresslevel=1) as f:
+            f.write(idx_bytes(array.astype(np.uint8)))
+    (base / "ckpt").mkdir()
+    (base / "ckpt" / "empty.pt").write_bytes(b"")
+    (base / "ckpt" / "text.pt").write_text("not a checkpoint")
+    full = base / "ckpt" / "full.pt"
+    cfg = compose_config(["task=cnn"])
+    from cnnrnn import build
+    save_checkpoint(full, {"model": build.model(cfg).state_dict(), "config": cfg.to_dict()})
+    (base / "ckpt" / "truncated.pt").write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    alien = compose_config(["task=lstm"]).to_dict()  # an lstm config carrying cnn weights
+    save_checkpoint(base / "ckpt" / "alien.pt", {"model": build.model(cfg).state_dict(), "config": alien})
+    torch.save({"weights": torch.zeros(3)}, base / "ckpt" / "plain.pt")
+    (base / "run" / "checkpoints").mkdir(parents=True)
+    (base / "run" / "metrics.json").write_text("{}")
+    (base / "images").mkdir()
+    (base / "images" / "notes.png").write_text("hello")
+    (base / "empty").mkdir()
+    return base
+
+
+BAD = [  # (command, the words the one sentence must hold)
+    (["cnnrnn.train", "task=foo"], "Unknown task 'foo'"),
+    (["cnnrnn.train", "trainer.epoch=3"], "did you mean 'trainer.epochs'"),
+    (["cnnrnn.train", "trainer.epochs=abc"], "trainer.epochs='abc' must be of type int"),
+    (["cnnrnn.train", "trainer.epochs=-1"], "trainer.epochs=-1 must be at least 1"),
+    (["cnnrnn.train", "trainer.batch_size=0"], "trainer.batch_size=0 must be at least 1"),
+    (["cnnrnn.train", "optim.lr=0"], "optim.lr=0.0 must be greater than 0"),
+    (["cnnrnn.train", "optim.lr=-0.1"], "must be greater than 0"),
+    (["cnnrnn.train", "data.min_items=3", "data.max_items=2"], "data.min_items=3 is larger than data.max_items=2"),
+    (["cnnrnn.train", "data.max_items=5"], "more items than the 2x2 grid has cells"),
+    (["cnnrnn.train", "data.val_size=60000"], "data.val_size=60000 must be between"),
+    (["cnnrnn.train", "task=multilabel", "model.beam_size=0"], "model.beam_size=0 must be an integer of at least 1"),
+    (["cnnrnn.train", "task=multilabel", "model.label_order=alphabetical"], "model.label_order='alphabetical'"),
+    (["cnnrnn.train", "task=cnn", "data.root={bad}/truncated"], "train-images-idx3-ubyte.gz is truncated"),
+    (["cnnrnn.train", "task=cnn", "data.root={bad}/magic"], "magic number 2049, expected 2051"),
+    (["cnnrnn.train", "task=cnn", "data.root={bad}/counts"], "holds 600 items, expected 60000"),
+    (["cnnrnn.train", "task=cnn", "data.root={bad}/labels"], "label 12, outside 0..9"),
+    (["cnnrnn.train", "task=cnn", "hydra.run.dir={bad}/run"], "already holds a run"),
+    (["cnnrnn.train", "resume={bad}/empty"], "has no checkpoints/last.pt"),
+    (["cnnrnn.evaluate", "{bad}/ckpt/missing.pt"], "does not exist"),
+    (["cnnrnn.evaluate", "{bad}/ckpt/empty.pt"], "is empty"),
+    (["cnnrnn.evaluate", "{bad}/ckpt/truncated.pt"], "not a readable checkpoint"),
+    (["cnnrnn.evaluate", "{bad}/ckpt/text.pt"], "not a readable checkpoint"),
+    (["cnnrnn.evaluate", "{bad}/ckpt/plain.pt"], "not a cnnrnn checkpoint"),
+    (["cnnrnn.predict", "{bad}/ckpt/alien.pt", "{bad}/images"], "do not fit a lstm model"),
+    (["cnnrnn.predict", "{bad}/ckpt/full.pt", "{bad}/images/notes.png"], "is not a readable image"),
+    (["cnnrnn.predict", "{bad}/ckpt/full.pt", "{bad}/empty"], "holds no image files"),
+]
+
+
+@pytest.mark.parametrize("args, words", BAD, ids=[" ".join(a[1:])[:40] for a, _ in BAD])
+def test_bad_input_gets_one_clear_sentence(bad_inputs, args, words):
+    proc = cli(*[a.format(bad=bad_inputs) for a in args])
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and words in errors[0], proc.stderr
+    assert errors[0].rstrip().endswith((".", ")")), "one sentence"
+
+
+def test_nothing_is_overwritten_by_a_refused_run(bad_inputs):
+    before = sorted(p.name for p in (bad_inputs / "run").iterdir())
+    cli("cnnrnn.train", f"hydra.run.dir={bad_inputs / 'run'}")
+    assert sorted(p.name for p in (bad_inputs / "run").iterdir()) == before
+    assert (bad_inputs / "run" / "metrics.json").read_text() == "{}"
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stage", ["write", "flush", "fsync", "replace"])
+def test_an_interrupted_checkpoint_write_leaves_the_previous_file(tmp_path, monkeypatch, stage):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"epoch": 1, "w": torch.ones(1000)})
+
+    class Killed(BaseException):
+        """Like a kill: not an Exception, so nothing on the way can swallow it."""
+
+    def die(*args, **kwargs):
+        raise Killed
+
+    if stage == "write":  # die after half the bytes
+        real_save = torch.save
+
+        def half_save(obj, f):
+            real_save(obj, f)
+            f.truncate(f.tell() // 2)
+            raise Killed
+        monkeypatch.setattr(torch, "save", half_save)
+    elif stage == "flush":
+        monkeypatch.setattr(engine.os, "fsync", die)
+    elif stage == "fsync":
+        real_fsync = os.fsync
+        calls = []
+        monkeypatch.setattr(engine.os, "fsync", lambda fd: calls.append(fd) or (die() if calls else real_fsync(fd)))
+    else:
+        monkeypatch.setattr(engine.os, "replace", die)
+    with pytest.raises(Killed):
+        save_checkpoint(path, {"epoch": 2, "w": torch.zeros(1000)})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": engine.CHECKPOINT_FORMAT, "model": Evil()}, path)
+    with pytest.raises(UserError, match="could run code"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fake_root, tmp_path, monkeypatch):
+    from cnnrnn import tasks
+    real_loss = tasks.Classification.loss
+    calls = []
+
+    def loss(self, model, batch):
+        value, stats = real_loss(self, model, batch)
+        calls.extend([1] if model.training else [])
+        return (value * float("nan") if len(calls) == 13 else value), stats  # step 3 of epoch 2
+
+    monkeypatch.setattr(tasks.Classification, "loss", loss)
+    with pytest.raises(UserError, match=r"became nan at step 13 \(epoch 2\).*last good state"):
+        run(compose_config(["task=cnn", *tiny(fake_root, "data.train_eval_size=0")]), tmp_path / "run")
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_resuming_a_finished_run_changes_nothing(fake_root, tmp_path):
+    out = tmp_path / "run"
+    first = run(compose_config(["task=cnn", *tiny(fake_root)]), out)
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = run(compose_config(["task=cnn", *tiny(fake_root), f"resume={out}"]), "unused")
+    assert again == first
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamp
+
+
+# --- kill and resume (real data, subprocesses) ----------------------------------------------------------------
+
+RESUME_ARGS = ["task=cnn", "trainer.epochs=3", "data.limit=1500", "data.val_size=500", "data.train_eval_size=300",
+               "trainer.progress=false", "trainer.threads=1"]
+
+
+def start(out: Path, *extra) -> subprocess.Popen:
+    return subprocess.Popen([PYTHON, "-m", "cnnrnn.train", *RESUME_ARGS, *extra, f"hydra.run.dir={out}"], cwd=ROOT,
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def comparable(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in ("train/ms_per_step", "wall_time_s")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    proc = start(out)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    return json.loads((out / "metrics.json").read_text())
+
+
+@needs_real_data
+def test_sigkill_then_resume_gives_the_uninterrupted_metrics(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    proc = start(out)
+    wait_for(out / "checkpoints" / "last.pt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metrics.json").exists()
+    resumed = cli("cnnrnn.train", f"resume={out}", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert comparable(json.loads((out / "metrics.json").read_text())) == comparable(uninterrupted)
+    finished = cli("cnnrnn.train", f"resume={out}")
+    assert finished.returncode == 0 and "is finished" in finished.stderr
+
+
+@needs_real_data
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_says_so_and_resumes_exactly(tmp_path, uninterrupted, sig):
+    out = tmp_path / "run"
+    proc = start(out)
+    wait_for(out / "checkpoints" / "last.pt", proc)
+    time.sleep(0.3)  # somewhere in epoch 2, or in its evaluation
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err
+    said = [line for line in err.splitlines() if "Stopped by" in line]
+    assert len(said) == 1 and signal.Signals(sig).name in said[0] and "resume=" in said[0]
+    resumed = cli("cnnrnn.train", *RESUME_ARGS, f"resume={out}", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert comparable(json.loads((out / "metrics.json").read_text())) == comparable(uninterrupted)
