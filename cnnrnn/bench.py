@@ -59,13 +59,13 @@ def time_it(fn, steps: int, repeats: int) -> float:
     return statistics.median(runs)
 
 
-def bench_model(name: str, batch_size: int, steps: int, repeats: int, peak: float, amp: bool,
+def bench_model(name: str, batch_size: int, steps: int, repeats: int, peak: float, amp: bool | None,
                 compile_model: bool) -> dict:
+    """One model's record; amp None means the task's default setting."""
     cfg = compose_config([f"task={MODELS[name]}", f"trainer.batch_size={batch_size}"])
+    amp = cfg.trainer.amp if amp is None else amp
     task = build.task(cfg)
-    model = build.model(cfg)
-    if cfg.kind != "single":
-        model = model.to(memory_format=torch.channels_last)
+    model = build.model(cfg).to(memory_format=torch.channels_last)  # as in training
     optimizer, scheduler = build.optimizer(cfg, model, steps_per_epoch=1000)
     train_model = torch.compile(model) if compile_model else model
     source = fake_source(cfg.kind)
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast on or off (default: as each task trains)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models")
     parser.add_argument("--json", help="also write the records to this file")
     args = parser.parse_args(argv)

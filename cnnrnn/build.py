@@ -71,7 +71,8 @@ def optimizer(cfg: Config, net: nn.Module, steps_per_epoch: int):
     rest = [p for p in net.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     if o.name == "adamw":
-        opt = torch.optim.AdamW(groups, lr=o.lr, foreach=True)
+        # One fused kernel for the whole update (CPU and CUDA, torch >= 2.4): measurably faster per step.
+        opt = torch.optim.AdamW(groups, lr=o.lr, fused=True)
     else:
         opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=True, foreach=True)
     total = max(1, cfg.trainer.epochs * steps_per_epoch)

@@ -44,9 +44,21 @@ def score_oracle(model: nn.Module, grid: int, source, device: torch.device) -> d
     return {f"oracle/{k}": v for k, v in metrics.items()}
 
 
-def write_figures(writer, kind: str, task, source, out: dict, target: torch.Tensor, step: int) -> None:
-    """Confusion matrix and misclassified items, or labelled composites, per-class F1 and attention maps."""
+def write_figures(writer, kind: str, task, source, out: dict, target: torch.Tensor, step: int, folder=None) -> None:
+    """Confusion matrix and misclassified items, or labelled composites, per-class F1 and attention maps;
+    to TensorBoard, and as PNG files into `folder` when given."""
     names = lambda idx: [CLASSES[i] for i in idx]  # noqa: E731
+    tensorboard = writer
+
+    class Both:  # add_figure that also keeps a PNG
+        @staticmethod
+        def add_figure(tag, fig, global_step):
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+                fig.savefig(folder / f"{tag.replace('/', '_')}.png", dpi=110)
+            tensorboard.add_figure(tag, fig, global_step)
+
+    writer = Both()
     if kind == "single":
         cm = confusion(target.numpy(), out["pred"].numpy(), len(CLASSES))
         writer.add_figure("test/confusion_matrix", viz.confusion_matrix(cm, CLASSES), step)

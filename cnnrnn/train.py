@@ -88,6 +88,18 @@ def _flat_hparams(cfg: Config) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat.items()}
 
 
+def ema_update(decay: float):
+    """In-place EMA update for AveragedModel, with the usual warm-up: the decay grows as (1+n)/(10+n)
+    up to `decay`, so the average follows the fast early changes instead of lagging epochs behind."""
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n) -> None:
+        d = min(decay, (1 + float(n)) / (10 + float(n)))
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1 - d)
+        else:  # integer buffers (batch norm's step count) are copied
+            torch._foreach_copy_(averaged, current)
+    return update
+
+
 def run(cfg: Config, out_dir: str | Path) -> dict:
     """Train, select on validation, test once; write checkpoints, TensorBoard events, metrics.json, curves.png."""
     saved = None
@@ -111,9 +123,8 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
     build.check_sizes(cfg, len(data["train"]), world)
     task = build.task(cfg, data["train"].labels)
     src = build.sources(cfg, data)
-    model = build.model(cfg).to(device)
-    if cfg.kind != "single":
-        model = model.to(memory_format=torch.channels_last)
+    # channels_last makes the oneDNN convolutions faster; it leaves the LSTM's 2-D weights as they are.
+    model = build.model(cfg).to(device, memory_format=torch.channels_last)
     params = count_params(model)
     steps_per_epoch = num_batches(len(src.train), cfg.trainer.batch_size, drop_last=True)
     optimizer, scheduler = build.optimizer(cfg, model, steps_per_epoch)
@@ -127,8 +138,8 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
     # of the trained ones, which are kept as "train_model" for resuming.
     ema = None
     if cfg.trainer.ema:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.trainer.ema), use_buffers=True)
+        from torch.optim.swa_utils import AveragedModel
+        ema = AveragedModel(model, multi_avg_fn=ema_update(cfg.trainer.ema), use_buffers=True)
     eval_model = ema.module if ema is not None else model
     if saved is not None:
         model.load_state_dict(saved.get("train_model", saved["model"]))
@@ -231,9 +242,10 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
                     if tag != "epoch" and tag != "train/loss_running":
                         writer.add_scalar(tag, value, st["global_step"])
                 writer.flush()
-                log.info("epoch %d/%d  %s", epoch + 1, cfg.trainer.epochs, "  ".join(
-                    f"{k}={v:.4f}" for k, v in record.items() if k.startswith(("train/", "val/"))) +
-                    f"  {record['perf/ms_per_step']:.1f} ms/step")
+                shown = ("acc", "epoch_loss", "loss", "f1_samples", "exact_match")
+                log.info("epoch %d/%d  %s  %.1f ms/step", epoch + 1, cfg.trainer.epochs, "  ".join(
+                    f"{k}={v:.4f}" for k, v in record.items() if k.split("/")[0] in ("train", "val")
+                    and k.split("/")[1] in shown), record["perf/ms_per_step"])
             st["history"].append(record)
             st["epoch"], st["step_in_epoch"] = epoch + 1, 0
             score = record.get(f"val/{task.select}", -math.inf)
@@ -273,11 +285,13 @@ def finish(cfg, out_dir, model, task, src, writer, st, params, device, amp, t_st
         summary.update(tile_oracle(cfg, out_dir, src.test, device))
     results.update(summary)
     names = report.scalar_names(cfg.kind)
-    report.write_figures(writer, cfg.kind, task, src.test, test_out, test_t, st["global_step"])
+    report.write_figures(writer, cfg.kind, task, src.test, test_out, test_t, st["global_step"], out_dir / "figures")
     writer.add_hparams(_flat_hparams(cfg), {f"test/{k}": results[f"test/{k}"] for k in names},
                        run_name=".", global_step=st["global_step"])
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-    viz.save(viz.curves(st["history"], names[0], f"{cfg.task}: {cfg.model['name']}"), out_dir / "curves.png")
+    title = (f"{cfg.task} ({params:,} parameters): best val {task.select} {st['best']:.4f} at epoch "
+             f"{st['best_epoch']}, test {results[f'test/{task.select}']:.4f}")
+    viz.save(viz.curves(st["history"], names[0], title), out_dir / "curves.png")
     save_checkpoint(ckpt_dir / "best.pt", {**best, "task_state": task.state(), "summary": summary})
     last = load_checkpoint(ckpt_dir / "last.pt")
     save_checkpoint(ckpt_dir / "last.pt", {**last, "finished": True, "task_state": task.state(), "summary": summary})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
@@ -24,10 +25,11 @@ def curves(history: list[dict], metric: str, title: str = "") -> plt.Figure:
             if any(v is not None for v in values):
                 ax.plot(epochs, values, style, ms=3, label=split)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -75,14 +77,15 @@ def attention(images: torch.Tensor, alphas: torch.Tensor, tokens: torch.Tensor, 
         axes[i, 0].imshow(img, cmap="gray", vmin=0, vmax=255)
         axes[i, 0].set_title("image", fontsize=7)
         for t in range(steps):
+            if t > 0 and int(tokens[i, t - 1]) == end:
+                break  # nothing is decoded after END
             ax = axes[i, t + 1]
-            ax.imshow(img, cmap="gray", vmin=0, vmax=255)
             token = int(tokens[i, t])
-            if t == 0 or int(tokens[i, t - 1]) != end:
-                amap = alphas[i, t].view(1, 1, side, side).float()
-                amap = torch.nn.functional.interpolate(amap, size=img.shape, mode="nearest")[0, 0]
-                ax.imshow(amap.numpy(), cmap="jet", alpha=0.45)
-                ax.set_title(f"{t + 1}: {classes[token] if token < end else 'END'}", fontsize=7)
+            amap = alphas[i, t].view(1, 1, side, side).float()
+            amap = torch.nn.functional.interpolate(amap, size=img.shape, mode="nearest")[0, 0]
+            ax.imshow(img, cmap="gray", vmin=0, vmax=255)
+            ax.imshow(amap.numpy(), cmap="magma", alpha=0.5, vmin=0, vmax=1)
+            ax.set_title(f"{t + 1}: {classes[token] if token < end else 'END'}", fontsize=7)
         for ax in axes[i]:
             ax.axis("off")
     fig.tight_layout()

@@ -37,10 +37,10 @@ class ConvEncoder(nn.Module):
 class SmallCNN(nn.Module):
     """conv3x3 32 - pool - conv3x3 64 - pool - dense 128 - dense 10, with batch norm and dropout."""
 
-    def __init__(self, num_classes: int = 10, channels: tuple[int, ...] = (32, 64), hidden: int = 128,
+    def __init__(self, num_classes: int = 10, channels: tuple[int, ...] = (32, 64), convs: int = 1, hidden: int = 128,
                  dropout: float = 0.3, side: int = 28):
         super().__init__()
-        self.encoder = ConvEncoder(channels)
+        self.encoder = ConvEncoder(channels, convs)
         cells = (side // 2 ** len(channels)) ** 2
         self.head = nn.Sequential(
             nn.Flatten(),                     # (B, C, h, w) -> (B, C*h*w)
