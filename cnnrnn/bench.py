@@ -14,8 +14,10 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from cnnrnn import build
 from cnnrnn.cli import compose_config, fail
@@ -82,7 +84,8 @@ def bench_model(name: str, batch_size: int, steps: int, repeats: int, peak: floa
         scheduler.step()
 
     model.train()
-    with torch.backends.mkldnn.flags(enabled=False), torch.utils.flop_counter.FlopCounterMode(display=False) as fc:
+    warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # from mkldnn.flags
+    with torch.backends.mkldnn.flags(enabled=False), FlopCounterMode(display=False) as fc:
         step()  # counted with oneDNN off, so that the LSTM is seen as matmuls
     flops = fc.get_total_flops() / batch_size
     for _ in range(3):

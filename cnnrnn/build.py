@@ -53,14 +53,14 @@ def task(cfg: Config, train_labels: torch.Tensor | None = None, state: dict | No
     if cfg.kind == "bce":
         return MultiLabelBCE(CLASSES, state.get("threshold", 0.5))
     counts = None if train_labels is None else torch.bincount(train_labels, minlength=len(CLASSES))
-    return LabelSequence(CLASSES, cfg.model["label_order"], counts, max_labels=cfg.data.max_items,
+    return LabelSequence(CLASSES, cfg.model["label_order"], counts, max_labels=cfg.data.grid ** 2,
                          label_smoothing=cfg.optim.label_smoothing)
 
 
 def model(cfg: Config) -> nn.Module:
     kwargs = {k: v for k, v in cfg.model.items() if k != "name" and k not in TASK_KEYS}
     if cfg.model["name"] == "cnn_rnn":
-        kwargs["max_labels"] = cfg.data.max_items
+        kwargs["max_labels"] = cfg.data.grid ** 2  # decoding stops at END or after one label per cell
     return build_model(cfg.model["name"], num_classes=len(CLASSES), **kwargs)
 
 

@@ -65,7 +65,7 @@ class Data:
 @dataclass
 class Oracle:
     ckpt: typing.Optional[str] = None      # a single-label cnn checkpoint; null = train one on the fly
-    epochs: int = 15
+    epochs: typing.Optional[int] = None    # epochs of that on-the-fly cnn; null = task=cnn's default
 
 
 @dataclass
@@ -167,7 +167,8 @@ def validate(cfg: Config) -> Config:
              f"{d.grid}x{d.grid} grid has cells; lower it or raise data.grid.")
     _require(d.test_size >= 1, f"data.test_size={d.test_size} must be at least 1.")
     _require(d.epoch_size is None or d.epoch_size >= 1, f"data.epoch_size={d.epoch_size} must be at least 1.")
-    _require(cfg.oracle.epochs >= 1, f"oracle.epochs={cfg.oracle.epochs} must be at least 1.")
+    _require(cfg.oracle.epochs is None or cfg.oracle.epochs >= 1, f"oracle.epochs={cfg.oracle.epochs} must be at "
+             f"least 1 or null.")
     name = cfg.model.get("name")
     allowed = TASKS[cfg.task][1]
     _require(name in allowed, f"model.name={name!r} cannot be trained by task={cfg.task} (it trains "

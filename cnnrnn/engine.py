@@ -47,9 +47,13 @@ def train_one_epoch(model: nn.Module, task, optimizer: torch.optim.Optimizer, sc
     (an interrupt). Raises NonFiniteLoss before an update is applied with a NaN or infinite loss."""
     model.train()
     step, total, count, stopped = first_step, 0.0, 0, False
-    compute = 0.0
-    for batch in batches:
+    data_s, batches = 0.0, iter(batches)
+    while True:
         t0 = time.perf_counter()
+        batch = next(batches, None)  # the data path: gathers, composites, augmentation
+        data_s += time.perf_counter() - t0
+        if batch is None:
+            break
         batch = to_device(batch, device)
         with autocast(device, amp):
             loss, stats = task.loss(model, batch)
@@ -66,7 +70,6 @@ def train_one_epoch(model: nn.Module, task, optimizer: torch.optim.Optimizer, sc
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         scheduler.step()
-        compute += time.perf_counter() - t0
         step += 1
         total += value
         count += 1
@@ -74,7 +77,7 @@ def train_one_epoch(model: nn.Module, task, optimizer: torch.optim.Optimizer, sc
         if on_step is not None and on_step(step, value, stats, len(next(iter(batch.values())))):
             stopped = True
             break
-    return {"loss": total / max(count, 1), "steps": count, "step": step, "stopped": stopped, "compute_s": compute}
+    return {"loss": total / max(count, 1), "steps": count, "step": step, "stopped": stopped, "data_s": data_s}
 
 
 @torch.no_grad()

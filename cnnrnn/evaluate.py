@@ -22,7 +22,8 @@ from cnnrnn.errors import UserError
 log = logging.getLogger("cnnrnn")
 
 
-def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: str = "cpu") -> dict:
+def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: str = "cpu",
+                        oracle: str | None = None) -> dict:
     """The run's metrics.json as this checkpoint gives it: test/* (and oracle/*) recomputed, the rest carried."""
     state = load_checkpoint(path)
     cfg, model, task = build.from_checkpoint(state, path, device)
@@ -31,11 +32,9 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
     dev = torch.device(device)
     results, _, _ = report.score_test(model, task, src.test, dev, amp=cfg.trainer.amp or dev.type == "cuda")
     summary = dict(state.get("summary", {}))
-    oracle_path = summary.get("oracle/ckpt")
-    if oracle_path and Path(oracle_path).is_file():
-        oracle_state = load_checkpoint(oracle_path)
-        _, oracle_model, _ = build.from_checkpoint(oracle_state, oracle_path, device)
-        summary.update(report.score_oracle(oracle_model, cfg.data.grid, src.test, dev))
+    oracle_path = oracle or summary.get("oracle/ckpt")
+    if cfg.kind != "single" and oracle_path and (oracle or Path(oracle_path).is_file()):
+        summary.update(report.score_oracle(oracle_path, cfg.data.grid, src.test, dev))
     return {**results, **summary}
 
 
@@ -50,10 +49,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("ckpt", help="a checkpoint (RUN_DIR/checkpoints/best.pt) or a run dir")
     parser.add_argument("--data-root", help="where Fashion-MNIST is, if not where the run found it")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--oracle", help="multi-label only: a task=cnn checkpoint for the tile oracle "
+                                         "(default: the one the run used)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        results = evaluate_checkpoint(args.ckpt, args.data_root, args.device)
+        results = evaluate_checkpoint(args.ckpt, args.data_root, args.device, args.oracle)
     except UserError as exc:
         fail(str(exc))
     print(table(results), file=sys.stderr)

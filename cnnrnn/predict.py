@@ -50,8 +50,8 @@ def read_image(path: Path, side: int, resize: bool) -> torch.Tensor:
             img = img.convert("L")
             if img.size != (side, side):
                 if not resize:
-                    raise UserError(f"{path} is {img.size[0]}x{img.size[1]} pixels, but this model reads {side}x{side}; "
-                                    f"pass --resize to scale it.")
+                    raise UserError(f"{path} is {img.size[0]}x{img.size[1]} pixels, but this model reads "
+                                f"{side}x{side}; pass --resize to scale it.")
                 img = img.resize((side, side), Image.BILINEAR)
             return torch.from_numpy(np.array(img, dtype=np.uint8))
     except (UnidentifiedImageError, OSError, ValueError) as exc:

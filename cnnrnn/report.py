@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cnnrnn import viz
+from cnnrnn import build, viz
 from cnnrnn.data.fashion_mnist import CLASSES
 from cnnrnn.data.loader import batches
-from cnnrnn.engine import evaluate
+from cnnrnn.engine import evaluate, load_checkpoint
+from cnnrnn.errors import UserError
 from cnnrnn.metrics import confusion
 from cnnrnn.tasks import TileOracle
 
@@ -38,10 +39,15 @@ def score_test(model: nn.Module, task, source, device: torch.device, amp: bool =
     return results, out, target
 
 
-def score_oracle(model: nn.Module, grid: int, source, device: torch.device) -> dict[str, float]:
-    """oracle/* metrics: the single-label `model` on each occupied cell of the same composites."""
+def score_oracle(path, grid: int, source, device: torch.device) -> dict:
+    """oracle/* metrics: the task=cnn checkpoint at `path` on each occupied cell of the same composites."""
+    state = load_checkpoint(path)
+    cfg, model, _ = build.from_checkpoint(state, path, device)
+    if cfg.task != "cnn":
+        raise UserError(f"The tile oracle needs a checkpoint of task=cnn, but {path} holds task={cfg.task}; "
+                        f"set oracle.ckpt to a cnn run's checkpoints/best.pt.")
     metrics, _, _ = score(model, TileOracle(grid), source, device, with_loss=False)
-    return {f"oracle/{k}": v for k, v in metrics.items()}
+    return {**{f"oracle/{k}": v for k, v in metrics.items()}, "oracle/ckpt": str(path)}
 
 
 def write_figures(writer, kind: str, task, source, out: dict, target: torch.Tensor, step: int, folder=None) -> None:

@@ -5,7 +5,6 @@ A task turns a batch dict into model inputs and a loss (`loss`), into prediction
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn

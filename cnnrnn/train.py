@@ -11,7 +11,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +27,8 @@ from cnnrnn.errors import UserError
 from cnnrnn.models import count_params
 
 log = logging.getLogger("cnnrnn")
+
+
 class StopSignals:
     """Turn SIGINT/SIGTERM into a flag the loop checks after each step; a second signal kills at once."""
 
@@ -70,6 +71,8 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     if world == 1:
         return 0, 1
     if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world
 
@@ -154,15 +157,17 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
 
     train_model = model
     if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(model)
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.trainer.compile:
         train_model = torch.compile(train_model)
 
     writer = NullWriter()
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
-        # purge_step hides points a killed run logged after its last checkpoint: no duplicates on resume.
-        writer = SummaryWriter(str(out_dir), purge_step=st["global_step"] if cfg.resume else None)
+        # purge_step hides the points a killed run logged after its last checkpoint (steps after
+        # global_step), which this run logs again: no duplicates on resume.
+        writer = SummaryWriter(str(out_dir), purge_step=st["global_step"] + 1 if cfg.resume else None)
 
     def checkpoint(path: Path, **extra) -> None:
         if rank == 0:
@@ -229,7 +234,7 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train/loss_running": result["loss"],
                       "perf/ms_per_step": 1000 * loop_s / max(result["steps"], 1),
                       "perf/samples_per_s": result["steps"] * cfg.trainer.batch_size / loop_s,
-                      "perf/data_share": max(0.0, 1 - result["compute_s"] / loop_s)}
+                      "perf/data_share": result["data_s"] / loop_s}
             if rank == 0:
                 if len(src.train_eval):
                     train_m, _, _ = report.score(eval_model, task, src.train_eval, device, amp)
@@ -306,31 +311,23 @@ def tile_oracle(cfg: Config, out_dir: Path, test_src, device) -> dict:
         path = Path(cfg.oracle.ckpt)
     else:
         sub = out_dir / "oracle"
-        log.info("tile oracle: training the single-label cnn for %d epochs in %s (set oracle.ckpt to reuse one)",
-                 cfg.oracle.epochs, sub)
+        log.info("tile oracle: training the single-label cnn in %s (set oracle.ckpt to reuse one)", sub)
+        epochs = [] if cfg.oracle.epochs is None else [f"trainer.epochs={cfg.oracle.epochs}"]
         oracle_cfg = cli.compose_config([
-            "task=cnn", f"trainer.epochs={cfg.oracle.epochs}", f"seed={cfg.seed}",
+            "task=cnn", *epochs, f"seed={cfg.seed}",
             f"trainer.device={cfg.trainer.device}", f"trainer.progress={str(cfg.trainer.progress).lower()}",
             f"data.root={cfg.data.root}", f"data.val_size={cfg.data.val_size}", f"data.seed={cfg.data.seed}",
             f"data.limit={'null' if cfg.data.limit is None else cfg.data.limit}",
-            f"data.train_eval_size={cfg.data.train_eval_size}"])
-        finished = (sub / "checkpoints" / "last.pt").is_file() and load_checkpoint(sub / "checkpoints" / "last.pt").get(
-            "finished")
-        if not finished:
-            if (sub / "checkpoints" / "last.pt").is_file():
-                oracle_cfg.resume = str(sub)
-            run(oracle_cfg, sub)
+            f"data.train_eval_size={cfg.data.train_eval_size}",
+            *([f"trainer.threads={cfg.trainer.threads}"] if cfg.trainer.threads else [])])
+        if (sub / "checkpoints" / "last.pt").is_file():
+            oracle_cfg.resume = str(sub)  # an interrupted oracle continues; a finished one is reused
+        run(oracle_cfg, sub)
         path = sub / "checkpoints" / "best.pt"
-    saved = load_checkpoint(path)
-    saved_cfg = from_dict(saved["config"])
-    if saved_cfg.model.get("name") != "cnn":
-        raise UserError(f"oracle.ckpt={path} holds a {saved_cfg.model.get('name')} model; the tile oracle needs a "
-                        f"checkpoint of task=cnn.")
-    model = build.model(saved_cfg).to(device)
-    model.load_state_dict(saved["model"])
-    m = report.score_oracle(model, cfg.data.grid, test_src, device)
-    log.info("tile oracle (%s): f1_samples=%.4f exact_match=%.4f", path, m["oracle/f1_samples"], m["oracle/exact_match"])
-    return {**m, "oracle/ckpt": str(path)}
+    m = report.score_oracle(path, cfg.data.grid, test_src, device)
+    log.info("tile oracle (%s): f1_samples=%.4f exact_match=%.4f", path, m["oracle/f1_samples"],
+             m["oracle/exact_match"])
+    return m
 
 
 def main() -> None:

@@ -90,3 +90,19 @@ def test_real_test_composites_use_only_test_items(fake_spec, fake_root):
     occupied = crops[src.order(None) >= 0]
     test_items = {bytes(x.numpy()) for x in data["test"].images}
     assert all(bytes(x.numpy()) in test_items for x in occupied)
+
+
+def test_augmentation_changes_items_only_and_replays_by_key():
+    from cnnrnn.data.augment import Augment
+
+    split = Split(torch.randint(1, 255, (50, 28, 28), dtype=torch.uint8), torch.arange(50) % 10)
+    plain = CompositeSource(split, size=32, seed=1, fixed=True)
+    augmented = CompositeSource(split, size=32, seed=1, fixed=True, augment=Augment(hflip=1.0, shift=0))
+    layout = plain.order(None)
+    a, b = plain.batch(layout), augmented.batch(layout, key=5)
+    assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["cells"], b["cells"])
+    assert torch.equal(cell_crops(b["image"], 2)[layout < 0].unique(), torch.tensor([0], dtype=torch.uint8))
+    assert torch.equal(cell_crops(b["image"], 2), cell_crops(a["image"], 2).flip(-1))  # every item mirrored
+    shifted = CompositeSource(split, size=32, seed=1, fixed=True, augment=Augment(hflip=0.5, shift=2))
+    assert torch.equal(shifted.batch(layout, key=7)["image"], shifted.batch(layout, key=7)["image"])
+    assert not torch.equal(shifted.batch(layout, key=7)["image"], shifted.batch(layout, key=8)["image"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import subprocess
 
-import pytest
 
 from conftest import PYTHON, ROOT, cli_env, needs_real_data
 from test_train import scalar

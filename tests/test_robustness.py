@@ -20,6 +20,7 @@ from cnnrnn.engine import load_checkpoint, save_checkpoint
 from cnnrnn.errors import UserError
 from cnnrnn.train import run
 from conftest import PYTHON, ROOT, cli_env, idx_bytes, needs_real_data, tiny, write_dataset
+from test_train import scalar
 
 
 def cli(*args, timeout=120) -> subprocess.CompletedProcess:
@@ -225,6 +226,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_metrics(tmp_path, uninterru
     resumed = cli("cnnrnn.train", f"resume={out}", timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert comparable(json.loads((out / "metrics.json").read_text())) == comparable(uninterrupted)
+    steps = [s for s, _ in scalar(out, "train/loss")]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) == 3 * (1500 // 128)  # no duplicates
+    assert [s for s, _ in scalar(out, "val/acc")] == [11, 22, 33]
     finished = cli("cnnrnn.train", f"resume={out}")
     assert finished.returncode == 0 and "is finished" in finished.stderr
 

@@ -71,9 +71,10 @@ class CompositeSource:
         layout = rows
         images = self.split.images
         if self.augment is not None:
-            # Augment only the items this batch uses, then tile them: (B*G*G,) gathers, one per cell.
-            flat = layout.clamp(min=0).flatten()
-            images = self.augment(images[flat], key)
-            layout = torch.arange(len(flat)).view_as(layout).where(layout >= 0, -1)
+            # Augment only the items this batch places, then tile those: one augmented item per occupied cell.
+            occupied = layout >= 0
+            images = self.augment(images[layout[occupied]], key)
+            layout = torch.full_like(layout, -1)
+            layout[occupied] = torch.arange(len(images))
         cells = torch.where(rows >= 0, self.split.labels[rows.clamp(min=0)], -1)
         return {"image": render(images, layout, self.grid), "cells": cells, "labels": multi_hot(cells)}

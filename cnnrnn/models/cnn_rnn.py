@@ -16,6 +16,11 @@ from cnnrnn.models.cnn import ConvEncoder
 Teacher = Callable[[int, torch.Tensor], torch.Tensor]  # (step, logits (B, C+1)) -> next tokens (B,)
 
 
+def _follow(t: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
+    """Reorder per-beam state t (B, K, ...) to follow each new beam's parent (B, K)."""
+    return t.gather(1, parent.view(*parent.shape, *([1] * (t.dim() - 2))).expand_as(t))
+
+
 class CNNRNN(nn.Module):
     """CNN feature map -> LSTM over label embeddings, attending over the map at every step."""
 
@@ -141,8 +146,8 @@ class CNNRNN(nn.Module):
             total = (logp[..., None] + step_logp).view(b, k * v)                 # (B, K*V)
             logp, flat = total.topk(k, dim=1)                                    # (B, K)
             parent, tokens2d = flat // v, flat % v
-            pick = lambda t_: t_.gather(1, parent.view(b, k, *([1] * (t_.dim() - 2))).expand_as(t_))  # noqa: E731
-            emitted, done, scores, history, alphas = map(pick, (emitted, done, scores, history, alphas))
+            emitted, done, scores, history, alphas = (_follow(t_, parent) for t_ in (emitted, done, scores, history,
+                                                                                     alphas))
             rows = (parent + torch.arange(b, device=dev)[:, None] * k).flatten()
             h, c = h[rows], c[rows]
             probs = logits.float().softmax(dim=1)[rows].view(b, k, v)[..., :n]

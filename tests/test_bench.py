@@ -1,0 +1,30 @@
+"""The benchmark command: one record per model and batch size with the contract's keys."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cnnrnn import bench
+
+
+def test_bench_writes_records_with_the_contract_keys(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["--models", "lstm,cnn_rnn", "--batch-sizes", "4", "--steps", "1", "--repeats", "1",
+                "--json", str(out)])
+    records = json.loads(out.read_text())
+    models = [r for r in records if r["model"] != "composites"]
+    assert [(r["model"], r["batch_size"]) for r in models] == [("lstm", 4), ("cnn_rnn", 4)]
+    for r in models:
+        for key in ("ms_per_step", "samples_per_s", "mfu", "mflops_per_sample", "gflops", "infer_images_per_s",
+                    "data_share", "peak_gflops_fp32"):
+            assert r[key] > 0, key
+    assert models[0]["mflops_per_sample"] > 20  # the LSTM's FLOPs are counted, not just its head's
+    assert records[-1]["model"] == "composites" and records[-1]["images_per_s"] > 1000
+    assert "ms/step" in capsys.readouterr().out
+
+
+def test_bench_refuses_unknown_models(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--models", "resnet"])
+    assert exit_info.value.code == 2 and "unknown model 'resnet'" in capsys.readouterr().err
