@@ -6,7 +6,7 @@ import torch
 from cnnrnn.config import Config, Data
 from cnnrnn.build import sources
 from cnnrnn.data import fashion_mnist as fm
-from cnnrnn.data.composite import CompositeSource, cell_crops, multi_hot, render, sample_layout
+from cnnrnn.data.composite import CompositeSource, cell_crops, multi_hot, render, sample_layout, with_black
 from cnnrnn.data.fashion_mnist import Split
 
 
@@ -47,7 +47,7 @@ def test_canvas_cells_hold_the_placed_items_and_empty_cells_are_black():
 def test_render_and_cell_crops_invert_each_other():
     split = numbered_split(30)
     layout = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8]])
-    canvas = render(split.images, layout, 3)
+    canvas = render(with_black(split.images), layout, 3)
     assert canvas.shape == (1, 84, 84)
     assert canvas[0, 0, 28] == split.images[1, 0, 0] and canvas[0, 28, 0] == split.images[3, 0, 0]
     assert torch.equal(cell_crops(canvas, 3)[0], split.images[:9])
