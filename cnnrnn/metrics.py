@@ -4,7 +4,9 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn import metrics as skm
+
+# scikit-learn is imported where it is used: at module level it would add a second to every command's start,
+# a bad command line's answer included.
 
 
 def slug(name: str) -> str:
@@ -14,6 +16,8 @@ def slug(name: str) -> str:
 
 def single_label(y_true: np.ndarray, y_pred: np.ndarray, classes) -> dict[str, float]:
     """Accuracy and per-class accuracy (recall of each class)."""
+    from sklearn import metrics as skm
+
     out = {"acc": float(skm.accuracy_score(y_true, y_pred))}
     recall = skm.recall_score(y_true, y_pred, labels=range(len(classes)), average=None, zero_division=0)
     out.update({f"acc/{slug(c)}": float(r) for c, r in zip(classes, recall)})
@@ -22,6 +26,8 @@ def single_label(y_true: np.ndarray, y_pred: np.ndarray, classes) -> dict[str, f
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """(true, predicted) counts."""
+    from sklearn import metrics as skm
+
     return skm.confusion_matrix(y_true, y_pred, labels=range(num_classes))
 
 
@@ -32,6 +38,8 @@ def multi_label(y_true: np.ndarray, y_pred: np.ndarray, classes, scores: np.ndar
     f1_macro is the mean of per-class F1; cf1 is the harmonic mean of macro precision and macro recall
     (the 'CF1' of the CNN-RNN literature), which is a different number.
     """
+    from sklearn import metrics as skm
+
     y_true, y_pred = np.asarray(y_true).astype(int), np.asarray(y_pred).astype(int)
     out = {}
     for avg in ("micro", "macro", "samples"):
@@ -54,5 +62,7 @@ def multi_label(y_true: np.ndarray, y_pred: np.ndarray, classes, scores: np.ndar
 
 def best_threshold(y_true: np.ndarray, scores: np.ndarray, grid=np.linspace(0.05, 0.95, 19)) -> float:
     """The global threshold that maximises micro F1 (tune on validation data only)."""
+    from sklearn import metrics as skm
+
     f1 = [skm.f1_score(y_true, scores >= t, average="micro", zero_division=0) for t in grid]
     return float(grid[int(np.argmax(f1))])

@@ -2,21 +2,33 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import matplotlib
-import matplotlib.ticker
+import numpy as np
+import torch
 
-matplotlib.use("Agg")  # files only; never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 OK, WRONG = "#1a7f37", "#cf222e"
 
 
-def curves(history: list[dict], metric: str, title: str = "") -> plt.Figure:
+def _subplots(*args, **kwargs):
+    """plt.subplots with the Agg backend (files only, never a window); matplotlib is imported on first use, as it
+    would add most of a second to every command's start, a bad command line's answer included."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def curves(history: list[dict], metric: str, title: str = "") -> Figure:
     """Metric and loss per epoch, train and validation, like the write-up's performance plots."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = _subplots(1, 2, figsize=(10, 3.8))
     epochs = [h["epoch"] for h in history]
     for ax, name in zip(axes, (metric, "loss")):
         for split, style in (("train", "-o"), ("val", "-s")):
@@ -25,7 +37,7 @@ def curves(history: list[dict], metric: str, title: str = "") -> plt.Figure:
             if any(v is not None for v in values):
                 ax.plot(epochs, values, style, ms=3, label=split)
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -34,9 +46,9 @@ def curves(history: list[dict], metric: str, title: str = "") -> plt.Figure:
     return fig
 
 
-def confusion_matrix(cm: np.ndarray, classes) -> plt.Figure:
+def confusion_matrix(cm: np.ndarray, classes) -> Figure:
     """Row-normalised confusion matrix with counts (rows: true class)."""
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig, ax = _subplots(figsize=(7, 6))
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i, j in np.ndindex(cm.shape):
@@ -50,11 +62,11 @@ def confusion_matrix(cm: np.ndarray, classes) -> plt.Figure:
     return fig
 
 
-def labelled_grid(images: torch.Tensor, true: list[list[str]], pred: list[list[str]], cols: int = 6) -> plt.Figure:
+def labelled_grid(images: torch.Tensor, true: list[list[str]], pred: list[list[str]], cols: int = 6) -> Figure:
     """Images (N, H, W) with their true and predicted names; a wrong prediction is red, missed names listed."""
     n = len(images)
     rows = max(1, math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.0, rows * 2.5), squeeze=False)
+    fig, axes = _subplots(rows, cols, figsize=(cols * 2.0, rows * 2.5), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, t, p in zip(axes.flat, images, true, pred):
@@ -67,11 +79,11 @@ def labelled_grid(images: torch.Tensor, true: list[list[str]], pred: list[list[s
     return fig
 
 
-def attention(images: torch.Tensor, alphas: torch.Tensor, tokens: torch.Tensor, classes, end: int) -> plt.Figure:
+def attention(images: torch.Tensor, alphas: torch.Tensor, tokens: torch.Tensor, classes, end: int) -> Figure:
     """Per image, the attention map at each decoding step over the image, titled with the emitted label."""
     n, steps = len(images), alphas.shape[1]
     side = int(round(math.sqrt(alphas.shape[2])))
-    fig, axes = plt.subplots(n, steps + 1, figsize=((steps + 1) * 1.8, n * 1.9), squeeze=False)
+    fig, axes = _subplots(n, steps + 1, figsize=((steps + 1) * 1.8, n * 1.9), squeeze=False)
     for i in range(n):
         img = images[i].numpy()
         axes[i, 0].imshow(img, cmap="gray", vmin=0, vmax=255)
@@ -92,8 +104,8 @@ def attention(images: torch.Tensor, alphas: torch.Tensor, tokens: torch.Tensor, 
     return fig
 
 
-def per_class_bars(values: dict[str, float], ylabel: str) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+def per_class_bars(values: dict[str, float], ylabel: str) -> Figure:
+    fig, ax = _subplots(figsize=(7, 3.5))
     names = list(values)
     ax.bar(range(len(names)), [values[k] for k in names], color="#0969da")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
@@ -104,6 +116,8 @@ def per_class_bars(values: dict[str, float], ylabel: str) -> plt.Figure:
     return fig
 
 
-def save(fig: plt.Figure, path) -> None:
+def save(fig: Figure, path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=110)
     plt.close(fig)

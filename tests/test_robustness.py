@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -91,9 +92,16 @@ BAD = [  # (command, the words the one sentence must hold)
 ]
 
 
-@pytest.mark.parametrize("args, words", BAD, ids=[" ".join(a[1:])[:40] for a, _ in BAD])
-def test_bad_input_gets_one_clear_sentence(bad_inputs, args, words):
-    proc = cli(*[a.format(bad=bad_inputs) for a in args])
+@pytest.fixture(scope="module")
+def refusals(bad_inputs) -> list[subprocess.CompletedProcess]:
+    """Every BAD command, run as a user would, four at a time: each is mostly interpreter start-up."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda args: cli(*[a.format(bad=bad_inputs) for a in args]), [a for a, _ in BAD]))
+
+
+@pytest.mark.parametrize("case", range(len(BAD)), ids=[" ".join(a[1:])[:40] for a, _ in BAD])
+def test_bad_input_gets_one_clear_sentence(refusals, case):
+    proc, words = refusals[case], BAD[case][1]
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
@@ -195,37 +203,54 @@ def start(out: Path, *extra) -> subprocess.Popen:
                             env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
 def comparable(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in ("train/ms_per_step", "wall_time_s")}
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    proc = start(out)
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    return json.loads((out / "metrics.json").read_text())
+def interrupted(tmp_path_factory) -> dict:
+    """Runs stopped by SIGKILL, SIGINT and SIGTERM after their first checkpoint, then resumed, beside an
+    uninterrupted one; all at once, as each is mostly start-up. Per signal: the stopped process's return code
+    and stderr, its run dir and the resume's result; under "uninterrupted": that run's metrics."""
+    base = tmp_path_factory.mktemp("interrupted")
+    reference = start(base / "uninterrupted")
+    runs = {sig: (base / sig.name, start(base / sig.name)) for sig in (signal.SIGKILL, signal.SIGINT, signal.SIGTERM)}
+    due, sent, deadline = {}, set(), time.time() + 120
+    while len(sent) < len(runs):  # each is signalled on its own clock, from its first checkpoint
+        for sig, (out, proc) in runs.items():
+            if sig in sent:
+                continue
+            assert proc.poll() is None, proc.stderr.read()
+            if sig not in due and (out / "checkpoints" / "last.pt").exists():
+                # SIGINT and SIGTERM 0.3 s later: somewhere in epoch 2, or in its evaluation
+                due[sig] = time.time() + (0.0 if sig == signal.SIGKILL else 0.3)
+            if sig in due and time.time() >= due[sig]:
+                proc.send_signal(sig)
+                sent.add(sig)
+        assert time.time() < deadline, "a run never wrote its first checkpoint"
+        time.sleep(0.02)
+    stopped = {}
+    for sig, (out, proc) in runs.items():
+        _, err = proc.communicate(timeout=120)
+        stopped[sig] = proc.returncode, err, (out / "metrics.json").exists()
+    resumes = {sig: subprocess.Popen([PYTHON, "-m", "cnnrnn.train", *(RESUME_ARGS if sig != signal.SIGKILL else []),
+                                      f"resume={out}"], cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True) for sig, (out, _) in runs.items()}
+    _, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err
+    results = {"uninterrupted": json.loads((base / "uninterrupted" / "metrics.json").read_text())}
+    for sig, proc in resumes.items():
+        _, err = proc.communicate(timeout=300)
+        results[sig] = (*stopped[sig], runs[sig][0], proc.returncode, err)
+    return results
 
 
 @needs_real_data
-def test_sigkill_then_resume_gives_the_uninterrupted_metrics(tmp_path, uninterrupted):
-    out = tmp_path / "run"
-    proc = start(out)
-    wait_for(out / "checkpoints" / "last.pt", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "metrics.json").exists()
-    resumed = cli("cnnrnn.train", f"resume={out}", timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert comparable(json.loads((out / "metrics.json").read_text())) == comparable(uninterrupted)
+def test_sigkill_then_resume_gives_the_uninterrupted_metrics(interrupted):
+    _, _, finished_early, out, code, err = interrupted[signal.SIGKILL]
+    assert not finished_early
+    assert code == 0, err
+    assert comparable(json.loads((out / "metrics.json").read_text())) == comparable(interrupted["uninterrupted"])
     steps = [s for s, _ in scalar(out, "train/loss")]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) == 3 * (1500 // 128)  # no duplicates
     assert [s for s, _ in scalar(out, "val/acc")] == [11, 22, 33]
@@ -235,17 +260,11 @@ def test_sigkill_then_resume_gives_the_uninterrupted_metrics(tmp_path, uninterru
 
 @needs_real_data
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_saves_says_so_and_resumes_exactly(tmp_path, uninterrupted, sig):
-    out = tmp_path / "run"
-    proc = start(out)
-    wait_for(out / "checkpoints" / "last.pt", proc)
-    time.sleep(0.3)  # somewhere in epoch 2, or in its evaluation
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + sig, err
+def test_a_signal_saves_says_so_and_resumes_exactly(interrupted, sig):
+    returncode, err, _, out, code, resume_err = interrupted[sig]
+    assert returncode == 128 + sig, err
     assert "Traceback" not in err
     said = [line for line in err.splitlines() if "Stopped by" in line]
     assert len(said) == 1 and signal.Signals(sig).name in said[0] and "resume=" in said[0]
-    resumed = cli("cnnrnn.train", *RESUME_ARGS, f"resume={out}", timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert comparable(json.loads((out / "metrics.json").read_text())) == comparable(uninterrupted)
+    assert code == 0, resume_err
+    assert comparable(json.loads((out / "metrics.json").read_text())) == comparable(interrupted["uninterrupted"])

@@ -1,8 +1,6 @@
 """Train-time augmentation of 28x28 items with albumentations; validation and test data are never augmented."""
 from __future__ import annotations
 
-import albumentations as A
-import cv2
 import numpy as np
 import torch
 
@@ -11,6 +9,9 @@ class Augment:
     """Random flip, shift (pad + crop) and erasing of uint8 items (N, 28, 28), seeded per call."""
 
     def __init__(self, hflip: float = 0.5, shift: int = 2, erase: float = 0.0):
+        import albumentations as A  # here, not at module level: a second of start-up that only augmented runs need
+        import cv2
+
         side = 28
         steps = [A.HorizontalFlip(p=hflip)]
         if shift:
