@@ -10,7 +10,7 @@ class ConvEncoder(nn.Module):
 
     With `pool_first`, each stage pools right after its last conv, before batch norm and ReLU: the ReLU and the
     max commute, and batch norm then sees a quarter of the pixels (its statistics are the pooled map's), so a
-    training step on CPU, where these memory-bound layers dominate, is 1.5x faster.
+    training step on CPU, where these memory-bound layers dominate, is 1.4x faster (26 vs 37 ms at batch 128).
 
     With `cell`, a last conv of kernel = stride = `cell` (in feature-map pixels) embeds each non-overlapping
     cell of that size into `cell_dim` features: for 28x28 items after two pools, cell=7 is the small CNN's
