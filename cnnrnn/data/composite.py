@@ -62,7 +62,8 @@ class CompositeSource:
         self.split, self.size, self.grid = split, size, grid
         self.min_items, self.max_items, self.seed, self.augment = min_items, max_items, seed, augment
         self.fixed_layout = self._layout(seed) if fixed else None
-        self.words = with_black(split.images)  # built once: rendering then only gathers
+        # Built once, so that rendering only gathers; augmented batches pad their own items instead.
+        self.words = with_black(split.images) if augment is None else None
 
     def __len__(self) -> int:
         return self.size
