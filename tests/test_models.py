@@ -6,6 +6,7 @@ import torch
 
 from cnnrnn.errors import UserError
 from cnnrnn.models import build_model, count_params
+from cnnrnn.models.cnn import FastDropout
 
 
 @pytest.mark.parametrize("name, kwargs, params", [
@@ -41,3 +42,20 @@ def test_unknown_or_mistyped_model_arguments_are_refused():
         build_model("lstm", hidden="big")
     with pytest.raises(UserError, match="Unknown model 'resnet'"):
         build_model("resnet")
+
+
+def test_fast_dropout_drops_at_its_rate_keeps_the_mean_and_is_seeded():
+    drop = FastDropout(0.3)
+    x = torch.ones(64, 3136, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    y = drop(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 77 / 256) < 0.005                     # p rounded to a byte: 0.3 -> 77/256
+    assert abs(y.float().mean().item() - 1) < 0.01              # kept elements are scaled up by 256/179
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)                              # the global seed fixes the mask
+    x = torch.randn(4, 5, requires_grad=True)
+    y = drop(x)
+    y.sum().backward()
+    assert torch.equal(x.grad == 0, y == 0)                     # gradients flow through kept elements only
+    assert torch.equal(drop.eval()(x), x)                       # identity at evaluation

@@ -5,6 +5,27 @@ import torch
 from torch import nn
 
 
+class FastDropout(nn.Module):
+    """nn.Dropout with a mask drawn as one random byte per element, so `p` is rounded to a multiple of 1/256.
+
+    On CPU, nn.Dropout's bernoulli_ costs ~17 ns per element: on the cnn's 3,136 flattened features that was a
+    quarter of a training step. Eight mask bytes per 64-bit draw make the mask ~8x cheaper (README, Speed).
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.cut = round(p * 256)            # a byte below `cut` drops its element
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.cut == 0:
+            return x
+        n = x.numel()
+        # randint over the whole int64 range: random_() would leave every eighth byte's top bit at 0
+        draws = torch.randint(-2**63, 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)
+        keep = draws.view(torch.uint8)[:n].view(x.shape) >= self.cut    # (8 * ceil(n/8),) bytes -> x's shape
+        return x * keep.to(x.dtype).mul_(256 / (256 - self.cut))
+
+
 class ConvEncoder(nn.Module):
     """Stages of (conv3x3 + batch norm + ReLU) x convs and a 2x2 max pool: (B, 1, H, W) -> (B, C, H/2^n, W/2^n).
 
@@ -51,10 +72,10 @@ class SmallCNN(nn.Module):
         cells = (side // 2 ** len(channels)) ** 2
         self.head = nn.Sequential(
             nn.Flatten(),                     # (B, C, h, w) -> (B, C*h*w)
-            nn.Dropout(dropout if flat_dropout is None else flat_dropout),
+            FastDropout(dropout if flat_dropout is None else flat_dropout),
             nn.Linear(self.encoder.out_channels * cells, hidden),
             nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
+            FastDropout(dropout),
             nn.Linear(hidden, num_classes),
         )
 
