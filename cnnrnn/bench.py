@@ -24,7 +24,7 @@ from cnnrnn.cli import compose_config, fail
 from cnnrnn.data.composite import CompositeSource
 from cnnrnn.data.fashion_mnist import Split
 from cnnrnn.data.loader import ItemSource
-from cnnrnn.engine import autocast
+from cnnrnn.engine import autocast, keep_freed_memory
 from cnnrnn.errors import UserError
 
 MODELS = {"lstm": "lstm", "lstm2": "lstm2", "cnn": "cnn", "cnn_rnn": "multilabel", "cnn_bce": "multilabel_bce"}
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(exc))
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()
     peak = matmul_peak()
     machine = {"peak_gflops_fp32": round(peak, 1), "peak_gflops_bf16": round(matmul_peak(torch.bfloat16), 1),
                "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": platform.processor()}

@@ -22,7 +22,8 @@ from cnnrnn import build, cli, report, viz
 from cnnrnn.config import Config, from_dict
 from cnnrnn.data import fashion_mnist
 from cnnrnn.data.loader import batches, num_batches
-from cnnrnn.engine import NonFiniteLoss, load_checkpoint, rng_state, save_checkpoint, set_rng_state, train_one_epoch
+from cnnrnn.engine import (NonFiniteLoss, keep_freed_memory, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                           train_one_epoch)
 from cnnrnn.errors import UserError
 from cnnrnn.models import count_params
 
@@ -119,6 +120,7 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
     rank, world = init_distributed(device)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
+    keep_freed_memory()
     amp = cfg.trainer.amp or device.type == "cuda"
     seed_everything(cfg.seed)
 
