@@ -42,6 +42,8 @@ def test_unknown_or_mistyped_model_arguments_are_refused():
         build_model("lstm", hidden="big")
     with pytest.raises(UserError, match="Unknown model 'resnet'"):
         build_model("resnet")
+    with pytest.raises(UserError, match=r"model.dropout=1.5 must be a probability in \[0, 1\)"):
+        build_model("cnn", dropout=1.5)
 
 
 def test_fast_dropout_drops_at_its_rate_keeps_the_mean_and_is_seeded():

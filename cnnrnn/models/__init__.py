@@ -30,6 +30,8 @@ def build_model(name: str, **kwargs) -> nn.Module:
         if default is not None and (not ok or isinstance(value, bool) != isinstance(default, bool)):
             raise UserError(f"model.{key}={value!r} must be of type {expected.__name__} like its default "
                             f"{default!r}.")
+        if key.endswith("dropout") and value is not None and not 0 <= value < 1:
+            raise UserError(f"model.{key}={value!r} must be a probability in [0, 1), e.g. 0.3.")
     return MODELS[name](**kwargs)
 
 

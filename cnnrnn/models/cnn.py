@@ -14,7 +14,12 @@ class FastDropout(nn.Module):
 
     def __init__(self, p: float):
         super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.cut = round(p * 256)            # a byte below `cut` drops its element
+
+    def extra_repr(self) -> str:
+        return f"p={self.cut / 256}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.cut == 0:
