@@ -7,16 +7,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cnnrnn.config import Config
+from cnnrnn.config import CONFIG_DIR, Config
 from cnnrnn.data.augment import Augment
 from cnnrnn.data.composite import CompositeSource
 from cnnrnn.data.fashion_mnist import CLASSES, Split
 from cnnrnn.data.loader import ItemSource
+from cnnrnn.data.scene import Scene, read_scene
 from cnnrnn.errors import UserError
 from cnnrnn.models import build_model
 from cnnrnn.tasks import Classification, LabelSequence, MultiLabelBCE
 
-TASK_KEYS = ("label_order",)  # model.* keys that configure the task (training targets), not the module
+# model.* keys that configure the task (training targets) or the start (initial weights), not the module
+NOT_MODULE_KEYS = ("label_order", "init_from")
 
 
 @dataclass
@@ -27,15 +29,28 @@ class Sources:
     test: object
 
 
-def sources(cfg: Config, data: dict[str, Split]) -> Sources:
+def scene_spec(cfg: Config) -> dict | None:
+    """The scene file's contents for data.scene (None: uniform); a sentence if it is missing or bad."""
+    return read_scene(cfg.data.scene, CONFIG_DIR / "scene")
+
+
+def scene(cfg: Config, spec: dict | None = None) -> Scene | None:
+    """The Scene of data.scene (None: uniform); `spec` is the one a checkpoint carries, used as it was."""
+    spec = scene_spec(cfg) if spec is None else spec
+    return None if spec is None else Scene(spec, cfg.data.scene)
+
+
+def sources(cfg: Config, data: dict[str, Split], scene_spec: dict | None = None) -> Sources:
     d = cfg.data
-    augment = Augment(d.hflip, d.shift, d.erase) if d.augment else None
+    augment = Augment(d.hflip, d.shift, d.erase, d.rotate, d.scale, d.contrast) if d.augment else None
     n_eval = min(d.train_eval_size, len(data["train"]))
     if cfg.kind == "single":
-        return Sources(ItemSource(data["train"], cfg.seed, augment),
-                       ItemSource(data["train"].subset(torch.arange(n_eval))),
-                       ItemSource(data["val"]), ItemSource(data["test"]))
-    grid = dict(grid=d.grid, min_items=d.min_items, max_items=d.max_items)
+        deg = dict(degrade=d.degrade)
+        return Sources(ItemSource(data["train"], cfg.seed, augment, fixed=False, **deg),
+                       ItemSource(data["train"].subset(torch.arange(n_eval)), d.seed + 3, **deg),
+                       ItemSource(data["val"], d.seed + 1, **deg), ItemSource(data["test"], d.seed + 2, **deg))
+    grid = dict(grid=d.grid, min_items=d.min_items, max_items=d.max_items, degrade=d.degrade,
+                scene=scene(cfg, scene_spec))
     # Fixed composites are seeded by data.seed only: identical across runs, seeds and models.
     return Sources(
         CompositeSource(data["train"], d.epoch_size or len(data["train"]), seed=cfg.seed, augment=augment, **grid),
@@ -46,19 +61,21 @@ def sources(cfg: Config, data: dict[str, Split]) -> Sources:
 
 
 def task(cfg: Config, train_labels: torch.Tensor | None = None, state: dict | None = None):
-    """The task object; `state` restores what a checkpoint saved (a tuned threshold)."""
-    state = state or {}
+    """The task object; `state` restores what a checkpoint saved (a tuned threshold, the training class counts)."""
+    state, tta = state or {}, cfg.eval.tta
     if cfg.kind == "single":
-        return Classification(CLASSES, cfg.optim.label_smoothing)
+        return Classification(CLASSES, cfg.optim.label_smoothing, tta)
     if cfg.kind == "bce":
-        return MultiLabelBCE(CLASSES, state.get("threshold", 0.5))
-    counts = None if train_labels is None else torch.bincount(train_labels, minlength=len(CLASSES))
+        return MultiLabelBCE(CLASSES, state.get("threshold", 0.5), tta)
+    counts = state.get("class_counts")
+    if train_labels is not None:
+        counts = torch.bincount(train_labels, minlength=len(CLASSES))
     return LabelSequence(CLASSES, cfg.model["label_order"], counts, max_labels=cfg.data.grid ** 2,
-                         label_smoothing=cfg.optim.label_smoothing)
+                         label_smoothing=cfg.optim.label_smoothing, tta=tta)
 
 
 def model(cfg: Config) -> nn.Module:
-    kwargs = {k: v for k, v in cfg.model.items() if k != "name" and k not in TASK_KEYS}
+    kwargs = {k: v for k, v in cfg.model.items() if k != "name" and k not in NOT_MODULE_KEYS}
     if cfg.model["name"] == "cnn_rnn":
         kwargs["max_labels"] = cfg.data.grid ** 2  # decoding stops at END or after one label per cell
     return build_model(cfg.model["name"], num_classes=len(CLASSES), **kwargs)
@@ -114,3 +131,56 @@ def from_checkpoint(state: dict, path, device: torch.device | str = "cpu"):
         raise UserError(f"{path} holds weights that do not fit a {cfg.model['name']} model of task={cfg.task} "
                         f"({reason}); it comes from another model family or version.") from None
     return cfg, net.to(device).eval(), task(cfg, state=state.get("task_state"))
+
+
+def init_encoder(net: nn.Module, path) -> list[str]:
+    """Copy a single-label cnn checkpoint's per-item stage into net's encoder (cnn_rnn or cnn_bce): all its
+    conv and batch-norm tensors (same names and shapes: the same channels, convs and pool_first), and its
+    first dense layer over the flattened (C, h, w) map into the cell conv where that has as many outputs (the
+    cell conv is that dense layer applied to each cell). Returns the names copied; a sentence if the
+    checkpoint is not a single-label cnn or its conv stack does not fit."""
+    from cnnrnn.engine import load_checkpoint
+
+    state = load_checkpoint(path)
+    src_cfg, src, _ = from_checkpoint(state, path)
+    if src_cfg.task != "cnn":
+        raise UserError(f"model.init_from={path} holds a task={src_cfg.task} model, but the encoder starts only "
+                        f"from a single-label cnn; give a task=cnn run's checkpoints/best.pt.")
+    src_state, dst_state = src.state_dict(), net.state_dict()
+    copied = {k: v for k, v in src_state.items() if k.startswith("encoder.") and k in dst_state
+              and dst_state[k].shape == v.shape}
+    dense = next(m for m in src.head if isinstance(m, nn.Linear))
+    cell = [i for i, m in enumerate(net.encoder.layers) if isinstance(m, nn.Conv2d) and m.stride[0] > 1]
+    if cell:
+        key = f"encoder.layers.{cell[0]}.weight"
+        if dense.weight.numel() == dst_state[key].numel() and dense.weight.shape[0] == dst_state[key].shape[0]:
+            copied[key] = dense.weight.reshape(dst_state[key].shape)   # (hidden, C*h*w) -> (hidden, C, h, w)
+    missing = [k for k in src_state if k.startswith("encoder.") and k not in copied]
+    if missing:  # a partial stack would feed the copied layers from random ones: no transfer at all
+        raise UserError(f"model.init_from={path} does not fit this encoder ({missing[0]} has no counterpart of its "
+                        f"shape; the cnn has channels {list(src_cfg.model['channels'])}, {src_cfg.model['convs']} "
+                        f"conv(s) per stage); train the cnn with the same model.channels, model.convs and "
+                        f"model.pool_first.")
+    net.load_state_dict({**dst_state, **copied})
+    return sorted(copied)
+
+
+def oracle_model(path, device: torch.device | str = "cpu") -> nn.Module:
+    """The tile oracle's single-label cnn from a checkpoint, or a sentence why that checkpoint cannot serve."""
+    from cnnrnn.engine import load_checkpoint
+
+    cfg, net, _ = from_checkpoint(load_checkpoint(path), path, device)
+    if cfg.task != "cnn":
+        raise UserError(f"The tile oracle needs a checkpoint of task=cnn, but {path} holds task={cfg.task}; "
+                        f"set oracle.ckpt to a cnn run's checkpoints/best.pt.")
+    return net
+
+
+def preflight(cfg: Config) -> None:
+    """Check the files a run will read (scene, model.init_from, oracle.ckpt) before any work starts."""
+    if cfg.kind != "single":
+        scene(cfg)
+    if cfg.model.get("init_from"):
+        init_encoder(model(cfg), cfg.model["init_from"])
+    if cfg.kind != "single" and cfg.oracle.ckpt:
+        oracle_model(cfg.oracle.ckpt)

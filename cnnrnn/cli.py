@@ -12,10 +12,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from cnnrnn.config import Config, from_dict
+from cnnrnn.config import CONFIG_DIR, Config, from_dict
 from cnnrnn.errors import UserError
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 log = logging.getLogger("cnnrnn")
 
 
@@ -113,6 +111,9 @@ def check_command_line(argv: list[str]) -> list[str]:
         folder = hydra_args["hydra.run.dir"]
         raise UserError(f"hydra.run.dir={folder} already holds a run, which this one would mix with; choose a new "
                         f"folder, or continue that run with resume={folder}.")
+    if not cfg.resume:
+        from cnnrnn.build import preflight
+        preflight(cfg)
     if rank > 0:  # only rank 0 writes a run dir and logs
         argv = argv + [f"hydra.run.dir={tempfile.mkdtemp(prefix='cnnrnn-rank')}", "hydra.output_subdir=null",
                        "hydra/job_logging=disabled"]
@@ -154,6 +155,30 @@ def check_resume(cfg: Config, composed, parsed) -> list[str]:
     return [f"hydra.run.dir={folder}", f"hydra.output_subdir=.hydra/resume-{stamp}"]
 
 
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def processes_sharing_cores(hydra_cfg=None) -> int:
+    """How many processes a launcher started side by side on this machine: torchrun's local world size, or a
+    sweep's parallel jobs (hydra.launcher.n_jobs of the joblib launcher; -1: one per core); else 1."""
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        return max(1, int(os.environ["LOCAL_WORLD_SIZE"]))
+    n_jobs = None
+    if hydra_cfg is not None and str(hydra_cfg.mode) == "RunMode.MULTIRUN":
+        n_jobs = hydra_cfg.launcher.get("n_jobs")
+    if n_jobs is None or n_jobs == 0:
+        return 1
+    return cores() if n_jobs < 0 else int(n_jobs)
+
+
+def default_threads(hydra_cfg=None) -> int | None:
+    """Intra-op threads for a process that shares the cores with others (their share), or None (torch's own
+    default, every core) when it runs alone; each process taking every core slows all of them several times."""
+    share = processes_sharing_cores(hydra_cfg)
+    return max(1, cores() // share) if share > 1 else None
+
+
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
@@ -172,7 +197,15 @@ def hydra_entry(run: Callable[[Config, str], object]) -> None:
     @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
     def _main(dcfg) -> None:
         try:
-            run(config_from(dcfg), HydraConfig.get().runtime.output_dir)
+            cfg = config_from(dcfg)
+            threads = None if cfg.trainer.threads else default_threads(HydraConfig.get())
+            if threads:  # an explicit trainer.threads wins
+                import torch
+
+                torch.set_num_threads(threads)
+                log.info("%d threads: this machine's %d cores shared by %d processes", threads, cores(),
+                         processes_sharing_cores(HydraConfig.get()))
+            run(cfg, HydraConfig.get().runtime.output_dir)
         except UserError as exc:
             log.error("%s", exc)
             raise SystemExit(2) from None

@@ -6,8 +6,11 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cnnrnn.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 TASKS = {  # task -> (kind, model names it trains)
     "lstm": ("single", ("lstm",)),
@@ -51,21 +54,32 @@ class Data:
     val_size: int = 5000
     seed: int = 0                 # fixes the validation split and the val/test composites for every run
     train_eval_size: int = 5000   # fixed training items scored each epoch, for train curves comparable to val
-    augment: bool = False         # train-time albumentations pipeline: flip, shift, erase
+    augment: bool = False         # train-time augmentation of every item: flip, shift, erase, rotate, scale, contrast
     hflip: float = 0.5
     shift: int = 2
     erase: float = 0.0
+    rotate: float = 0.0           # degrees, albumentations
+    scale: float = 0.0            # fraction, albumentations
+    contrast: float = 0.0         # brightness/contrast limit, albumentations
     grid: int = 2                 # composites: grid x grid cells of 28x28
     min_items: int = 1
     max_items: int = 4
     test_size: int = 10000        # composites drawn for validation and for test
     epoch_size: typing.Optional[int] = None  # training composites per epoch; null = number of train items
+    scene: str = "uniform"        # which items go together: uniform, or a scene file (configs/scene/NAME.yaml)
+    degrade: float = 0.0          # corruption of every item (blur, noise, occlusion), train and test; 0 = off
 
 
 @dataclass
 class Oracle:
     ckpt: typing.Optional[str] = None      # a single-label cnn checkpoint; null = train one on the fly
     epochs: typing.Optional[int] = None    # epochs of that on-the-fly cnn; null = task=cnn's default
+    cache: typing.Optional[str] = None     # a folder where on-the-fly cnns are kept and reused; null = RUN/oracle
+
+
+@dataclass
+class Eval:
+    tta: bool = False             # test-time flips: predictions of each image averaged with its mirror image's
 
 
 @dataclass
@@ -78,6 +92,7 @@ class Config:
     data: Data = field(default_factory=Data)
     model: dict = field(default_factory=dict)   # name + keyword arguments of build_model
     oracle: Oracle = field(default_factory=Oracle)
+    eval: Eval = field(default_factory=Eval)
 
     @property
     def kind(self) -> str:
@@ -159,6 +174,9 @@ def validate(cfg: Config) -> Config:
     _require(d.train_eval_size >= 0, f"data.train_eval_size={d.train_eval_size} must be 0 or more.")
     _require(0 <= d.hflip <= 1 and 0 <= d.erase <= 1, "data.hflip and data.erase are probabilities in [0, 1].")
     _require(0 <= d.shift <= 8, f"data.shift={d.shift} must be between 0 and 8 pixels.")
+    _require(0 <= d.rotate <= 90, f"data.rotate={d.rotate} must be between 0 and 90 degrees.")
+    _require(0 <= d.scale < 1, f"data.scale={d.scale} must be a fraction in [0, 1), e.g. 0.1.")
+    _require(0 <= d.contrast < 1, f"data.contrast={d.contrast} must be a fraction in [0, 1), e.g. 0.2.")
     _require(d.grid >= 1, f"data.grid={d.grid} must be at least 1.")
     _require(1 <= d.min_items, f"data.min_items={d.min_items} must be at least 1.")
     _require(d.min_items <= d.max_items, f"data.min_items={d.min_items} is larger than data.max_items="
@@ -166,6 +184,8 @@ def validate(cfg: Config) -> Config:
     _require(d.max_items <= d.grid ** 2, f"data.max_items={d.max_items} is more items than the "
              f"{d.grid}x{d.grid} grid has cells; lower it or raise data.grid.")
     _require(d.test_size >= 1, f"data.test_size={d.test_size} must be at least 1.")
+    _require(0 <= d.degrade <= 1, f"data.degrade={d.degrade} must be a strength in [0, 1] (0 = off).")
+    _require(bool(d.scene), "data.scene must name a scene: uniform, or a file under configs/scene/.")
     _require(d.epoch_size is None or d.epoch_size >= 1, f"data.epoch_size={d.epoch_size} must be at least 1.")
     _require(cfg.oracle.epochs is None or cfg.oracle.epochs >= 1, f"oracle.epochs={cfg.oracle.epochs} must be at "
              f"least 1 or null.")
@@ -174,6 +194,8 @@ def validate(cfg: Config) -> Config:
     _require(name in allowed, f"model.name={name!r} cannot be trained by task={cfg.task} (it trains "
              f"{', '.join(allowed)}); drop the model override.")
     m = cfg.model
+    _require(m.get("init_from") is None or isinstance(m["init_from"], str) and m["init_from"],
+             f"model.init_from={m.get('init_from')!r} must be the path of a task=cnn checkpoint, or null.")
     if name == "cnn_rnn":
         _require(isinstance(m.get("beam_size"), int) and m["beam_size"] >= 1,
                  f"model.beam_size={m.get('beam_size')!r} must be an integer of at least 1.")

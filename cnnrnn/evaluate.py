@@ -28,7 +28,7 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
     state = load_checkpoint(path)
     cfg, model, task = build.from_checkpoint(state, path, device)
     data = fashion_mnist.splits(data_root or cfg.data.root, cfg.data.val_size, cfg.data.limit, cfg.data.seed)
-    src = build.sources(cfg, data)
+    src = build.sources(cfg, data, state.get("scene"))
     dev = torch.device(device)
     results, _, _ = report.score_test(model, task, src.test, dev, amp=cfg.trainer.amp or dev.type == "cuda")
     summary = dict(state.get("summary", {}))

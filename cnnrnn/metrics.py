@@ -66,3 +66,31 @@ def best_threshold(y_true: np.ndarray, scores: np.ndarray, grid=np.linspace(0.05
 
     f1 = [skm.f1_score(y_true, scores >= t, average="micro", zero_division=0) for t in grid]
     return float(grid[int(np.argmax(f1))])
+
+
+def grounding(tokens, alpha, cells, y_true) -> dict[str, float]:
+    """Where the decoder looked when it named an item right (the attention of that step over the cells).
+
+    Over every correctly emitted label whose class sits in exactly one occupied cell: `grounding` is the share
+    of such steps whose attention peak is on that cell, `grounding_mass` the mean attention mass on it.
+    tokens (N, T) emitted classes (>= C: END), alpha (N, T, L) attention over L = (G*k)^2 map positions,
+    cells (N, G*G) the class in each cell (-1: empty), y_true (N, C) the true label sets. Empty if no step counts.
+    """
+    import torch
+
+    n, steps, positions = alpha.shape
+    grid = int(round(cells.shape[1] ** 0.5))
+    side = int(round(positions ** 0.5))
+    k = side // grid
+    per_cell = alpha.float().view(n, steps, grid, k, grid, k).sum(dim=(3, 5)).flatten(2)  # (N, T, G*G)
+    num_classes = y_true.shape[1]
+    label = tokens.clamp(max=num_classes - 1)                                              # (N, T)
+    correct = (tokens < num_classes) & y_true.bool().gather(1, label)                      # (N, T)
+    holds = cells[:, None, :] == label[:, :, None]                                         # (N, T, G*G)
+    eligible = correct & (holds.sum(2) == 1)
+    if not eligible.any():
+        return {}
+    where = holds.float().argmax(2)                                                        # (N, T) the one cell
+    mass = per_cell.gather(2, where[..., None]).squeeze(2)
+    peak = per_cell.argmax(2) == where
+    return {"grounding": float(peak[eligible].float().mean()), "grounding_mass": float(mass[eligible].mean())}

@@ -7,8 +7,7 @@ from torch import nn
 from cnnrnn import build, viz
 from cnnrnn.data.fashion_mnist import CLASSES
 from cnnrnn.data.loader import batches
-from cnnrnn.engine import evaluate, load_checkpoint
-from cnnrnn.errors import UserError
+from cnnrnn.engine import evaluate
 from cnnrnn.metrics import confusion
 from cnnrnn.tasks import TileOracle
 
@@ -16,7 +15,7 @@ EVAL_BATCH = 500  # fixed, so that evaluate reproduces a run's numbers exactly
 # Scalars logged per epoch (and at the end under test/); per-class values go to metrics.json only.
 SCALARS = {"single": ("acc", "loss"),
            "multi": ("f1_micro", "f1_macro", "f1_samples", "cf1", "exact_match", "hamming_loss", "cardinality_acc",
-                     "map", "loss")}
+                     "map", "loss", "grounding", "grounding_mass")}  # grounding: the decoder only
 AT_HALF = ("f1_micro", "f1_macro", "f1_samples", "exact_match", "hamming_loss")
 
 
@@ -41,11 +40,7 @@ def score_test(model: nn.Module, task, source, device: torch.device, amp: bool =
 
 def score_oracle(path, grid: int, source, device: torch.device) -> dict:
     """oracle/* metrics: the task=cnn checkpoint at `path` on each occupied cell of the same composites."""
-    state = load_checkpoint(path)
-    cfg, model, _ = build.from_checkpoint(state, path, device)
-    if cfg.task != "cnn":
-        raise UserError(f"The tile oracle needs a checkpoint of task=cnn, but {path} holds task={cfg.task}; "
-                        f"set oracle.ckpt to a cnn run's checkpoints/best.pt.")
+    model = build.oracle_model(path, device)
     metrics, _, _ = score(model, TileOracle(grid), source, device, with_loss=False)
     return {**{f"oracle/{k}": v for k, v in metrics.items()}, "oracle/ckpt": str(path)}
 

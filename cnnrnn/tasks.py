@@ -21,13 +21,20 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() / 255.0 - MEAN) / STD).unsqueeze(1)   # (B, H, W) -> (B, 1, H, W)
 
 
+def flip_average(model: nn.Module, x: torch.Tensor, tta: bool, to_scores) -> torch.Tensor:
+    """Scores of x, averaged with those of its mirror image when `tta` (test-time flips; a mirrored item
+    keeps its class, and the set of items in a mirrored composite is the same)."""
+    scores = to_scores(model(x))
+    return (scores + to_scores(model(x.flip(-1)))) / 2 if tta else scores
+
+
 class Classification:
     """One label per image: cross-entropy, argmax, accuracy."""
 
     kind, select = "single", "acc"
 
-    def __init__(self, classes=CLASSES, label_smoothing: float = 0.0):
-        self.classes, self.label_smoothing = tuple(classes), label_smoothing
+    def __init__(self, classes=CLASSES, label_smoothing: float = 0.0, tta: bool = False):
+        self.classes, self.label_smoothing, self.tta = tuple(classes), label_smoothing, tta
 
     def target(self, batch) -> torch.Tensor:
         return batch["label"]
@@ -39,7 +46,7 @@ class Classification:
 
     @torch.no_grad()
     def predict(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
-        probs = model(to_input(batch["image"])).float().softmax(dim=1)
+        probs = flip_average(model, to_input(batch["image"]), self.tta, lambda z: z.float().softmax(dim=1))
         return {"pred": probs.argmax(dim=1), "scores": probs}
 
     def labels(self, out: dict[str, torch.Tensor]) -> list[list[int]]:
@@ -57,8 +64,8 @@ class MultiLabelBCE:
 
     kind, select = "bce", "f1_samples"
 
-    def __init__(self, classes=CLASSES, threshold: float = 0.5):
-        self.classes, self.threshold = tuple(classes), threshold
+    def __init__(self, classes=CLASSES, threshold: float = 0.5, tta: bool = False):
+        self.classes, self.threshold, self.tta = tuple(classes), threshold, tta
 
     def target(self, batch) -> torch.Tensor:
         return batch["labels"]
@@ -69,7 +76,7 @@ class MultiLabelBCE:
 
     @torch.no_grad()
     def predict(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
-        scores = model(to_input(batch["image"])).float().sigmoid()
+        scores = flip_average(model, to_input(batch["image"]), self.tta, lambda z: z.float().sigmoid())
         return {"pred": scores >= self.threshold, "scores": scores}
 
     def labels(self, out: dict[str, torch.Tensor]) -> list[list[int]]:
@@ -98,10 +105,11 @@ class LabelSequence:
     kind, select = "sequence", "f1_samples"
 
     def __init__(self, classes=CLASSES, order: str = "frequency", class_counts=None, max_labels: int = 4,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, tta: bool = False):
         self.classes, self.order, self.max_labels = tuple(classes), order, max_labels
-        self.label_smoothing = label_smoothing
+        self.label_smoothing, self.tta = label_smoothing, tta
         counts = torch.as_tensor(class_counts if class_counts is not None else [1] * len(classes)).double()
+        self.class_counts = counts.long().tolist()
         # Position of each class in the frequency order; ties go to the lower class index.
         by_frequency = sorted(range(len(classes)), key=lambda c: (-counts[c].item(), c))
         self.rank = torch.empty(len(classes)).index_put_((torch.tensor(by_frequency),),
@@ -165,19 +173,27 @@ class LabelSequence:
 
     @torch.no_grad()
     def predict(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
-        # Only the image reaches the decoder, which feeds back its own outputs.
-        out = model.generate(to_input(batch["image"]))
-        return {"pred": out["labels"], "scores": out["scores"], "tokens": out["tokens"], "alpha": out["alpha"]}
+        # Only the image reaches the decoder, which feeds back its own outputs; the cells (where each true
+        # class sits) are passed on beside the predictions for the grounding metric, never to the model.
+        out = model.generate(to_input(batch["image"]), flip=self.tta)
+        pred = {"pred": out["labels"], "scores": out["scores"], "tokens": out["tokens"], "alpha": out["alpha"]}
+        if "cells" in batch:
+            pred["cells"] = batch["cells"]
+        return pred
 
     def labels(self, out: dict[str, torch.Tensor]) -> list[list[int]]:
         end = len(self.classes)
         return [[int(t) for t in row if t < end] for row in out["tokens"]]  # in emission order
 
     def metrics(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, float]:
-        return metrics.multi_label(target.numpy(), out["pred"].numpy(), self.classes, out["scores"].numpy())
+        result = metrics.multi_label(target.numpy(), out["pred"].numpy(), self.classes, out["scores"].numpy())
+        if "cells" in out:
+            result.update(metrics.grounding(out["tokens"], out["alpha"], out["cells"], target))
+        return result
 
     def state(self) -> dict:
-        return {"order": self.order}
+        # the training class counts fix the frequency order, so evaluate rebuilds the very same targets
+        return {"order": self.order, "class_counts": self.class_counts}
 
 
 class TileOracle:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from cnnrnn import build, cli, report, viz
 from cnnrnn.config import Config, from_dict
-from cnnrnn.data import fashion_mnist
+from cnnrnn.data import fashion_mnist, scene
 from cnnrnn.data.loader import batches, num_batches
 from cnnrnn.engine import (NonFiniteLoss, keep_freed_memory, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                            train_one_epoch)
@@ -88,7 +88,7 @@ def _flat_hparams(cfg: Config) -> dict:
     flat = {"task": cfg.task, "seed": cfg.seed, **{f"trainer.{k}": v for k, v in vars(cfg.trainer).items()},
             **{f"optim.{k}": v for k, v in vars(cfg.optim).items()},
             **{f"data.{k}": v for k, v in vars(cfg.data).items() if k not in ("root",)},
-            **{f"model.{k}": v for k, v in cfg.model.items()}}
+            **{f"model.{k}": v for k, v in cfg.model.items()}, "eval.tta": cfg.eval.tta}
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat.items()}
 
 
@@ -127,9 +127,17 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
     data = fashion_mnist.splits(cfg.data.root, cfg.data.val_size, cfg.data.limit, cfg.data.seed)
     build.check_sizes(cfg, len(data["train"]), world)
     task = build.task(cfg, data["train"].labels)
-    src = build.sources(cfg, data)
+    scene_spec = saved.get("scene") if saved is not None else build.scene_spec(cfg)
+    src = build.sources(cfg, data, scene_spec)
+    if cfg.kind != "single" and rank == 0:
+        log.info("scene %s, label statistics of 100,000 training composites:\n%s", cfg.data.scene,
+                 scene.format_statistics(src.train.statistics(100_000)))
     # channels_last makes the oneDNN convolutions faster; it leaves the LSTM's 2-D weights as they are.
-    model = build.model(cfg).to(device, memory_format=torch.channels_last)
+    model = build.model(cfg)
+    if cfg.model.get("init_from") and saved is None:
+        copied = build.init_encoder(model, cfg.model["init_from"])
+        log.info("encoder initialised from %s (%d tensors)", cfg.model["init_from"], len(copied))
+    model = model.to(device, memory_format=torch.channels_last)
     params = count_params(model)
     steps_per_epoch = num_batches(len(src.train), cfg.trainer.batch_size, drop_last=True)
     optimizer, scheduler = build.optimizer(cfg, model, steps_per_epoch)
@@ -178,7 +186,7 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
                 weights.update(train_model=model.state_dict(), ema_n=int(ema.n_averaged))
             save_checkpoint(path, {**weights, "optimizer": optimizer.state_dict(),
                                    "scheduler": scheduler.state_dict(), "rng": rng_state(), "config": cfg.to_dict(),
-                                   "classes": list(fashion_mnist.CLASSES), "params": params,
+                                   "classes": list(fashion_mnist.CLASSES), "params": params, "scene": scene_spec,
                                    "task_state": task.state(), **{**st, "wall_s": st["wall_s"] + time.time() - t_start},
                                    **extra})
 
@@ -293,7 +301,7 @@ def finish(cfg, out_dir, model, task, src, writer, st, params, device, amp, t_st
     results.update(summary)
     names = report.scalar_names(cfg.kind)
     report.write_figures(writer, cfg.kind, task, src.test, test_out, test_t, st["global_step"], out_dir / "figures")
-    writer.add_hparams(_flat_hparams(cfg), {f"test/{k}": results[f"test/{k}"] for k in names},
+    writer.add_hparams(_flat_hparams(cfg), {f"test/{k}": results[f"test/{k}"] for k in names if f"test/{k}" in results},
                        run_name=".", global_step=st["global_step"])
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     title = (f"{cfg.task} ({params:,} parameters): best val {task.select} {st['best']:.4f} at epoch "
@@ -302,34 +310,51 @@ def finish(cfg, out_dir, model, task, src, writer, st, params, device, amp, t_st
     save_checkpoint(ckpt_dir / "best.pt", {**best, "task_state": task.state(), "summary": summary})
     last = load_checkpoint(ckpt_dir / "last.pt")
     save_checkpoint(ckpt_dir / "last.pt", {**last, "finished": True, "task_state": task.state(), "summary": summary})
-    log.info("test: %s", "  ".join(f"{k}={results[f'test/{k}']:.4f}" for k in names))
+    log.info("test: %s", "  ".join(f"{k}={results[f'test/{k}']:.4f}" for k in names if f"test/{k}" in results))
     log.info("wrote %s (%.0f s)", out_dir / "metrics.json", summary["wall_time_s"])
     return results
 
 
 def tile_oracle(cfg: Config, out_dir: Path, test_src, device) -> dict:
     """The single-label cnn applied to each occupied test cell: oracle/* metrics on the same composites."""
-    if cfg.oracle.ckpt:
-        path = Path(cfg.oracle.ckpt)
-    else:
-        sub = out_dir / "oracle"
-        log.info("tile oracle: training the single-label cnn in %s (set oracle.ckpt to reuse one)", sub)
-        epochs = [] if cfg.oracle.epochs is None else [f"trainer.epochs={cfg.oracle.epochs}"]
-        oracle_cfg = cli.compose_config([
-            "task=cnn", *epochs, f"seed={cfg.seed}",
-            f"trainer.device={cfg.trainer.device}", f"trainer.progress={str(cfg.trainer.progress).lower()}",
-            f"data.root={cfg.data.root}", f"data.val_size={cfg.data.val_size}", f"data.seed={cfg.data.seed}",
-            f"data.limit={'null' if cfg.data.limit is None else cfg.data.limit}",
-            f"data.train_eval_size={cfg.data.train_eval_size}",
-            *([f"trainer.threads={cfg.trainer.threads}"] if cfg.trainer.threads else [])])
-        if (sub / "checkpoints" / "last.pt").is_file():
-            oracle_cfg.resume = str(sub)  # an interrupted oracle continues; a finished one is reused
-        run(oracle_cfg, sub)
-        path = sub / "checkpoints" / "best.pt"
+    path = Path(cfg.oracle.ckpt) if cfg.oracle.ckpt else train_oracle(cfg, out_dir)
     m = report.score_oracle(path, cfg.data.grid, test_src, device)
     log.info("tile oracle (%s): f1_samples=%.4f exact_match=%.4f", path, m["oracle/f1_samples"],
              m["oracle/exact_match"])
     return m
+
+
+def train_oracle(cfg: Config, out_dir: Path) -> Path:
+    """Train (or continue, or reuse) the tile oracle's cnn on the run's items; the path of its best.pt.
+
+    In RUN/oracle, or with oracle.cache in a folder named by everything that shapes the cnn, so every run on the
+    same items (a sweep's jobs) shares one; a lock makes a second process wait for the first to finish it.
+    """
+    import fcntl
+
+    d = cfg.data
+    epochs = [] if cfg.oracle.epochs is None else [f"trainer.epochs={cfg.oracle.epochs}"]
+    overrides = ["task=cnn", *epochs, f"seed={cfg.seed}", f"data.root={d.root}", f"data.val_size={d.val_size}",
+                 f"data.seed={d.seed}", f"data.limit={'null' if d.limit is None else d.limit}",
+                 f"data.train_eval_size={d.train_eval_size}", f"data.degrade={d.degrade}"]
+    if cfg.oracle.cache:
+        name = "-".join(o.replace("task=", "").replace("data.", "").replace("trainer.", "").replace("=", "")
+                        for o in overrides if not o.startswith(("data.root", "data.train_eval")))
+        sub = Path(cfg.oracle.cache) / name
+    else:
+        sub = out_dir / "oracle"
+    sub.parent.mkdir(parents=True, exist_ok=True)
+    oracle_cfg = cli.compose_config([*overrides, f"trainer.device={cfg.trainer.device}",
+                                     f"trainer.progress={str(cfg.trainer.progress).lower()}",
+                                     *([f"trainer.threads={cfg.trainer.threads}"] if cfg.trainer.threads else [])])
+    with open(sub.parent / f".{sub.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another run training this very cnn: wait, then reuse it
+        if (sub / "checkpoints" / "last.pt").is_file():
+            oracle_cfg.resume = str(sub)  # an interrupted oracle continues; a finished one is reused
+        else:
+            log.info("tile oracle: training the single-label cnn in %s (set oracle.ckpt to reuse one)", sub)
+        run(oracle_cfg, sub)
+    return sub / "checkpoints" / "best.pt"
 
 
 def main() -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 import torch
 
 from cnnrnn.data.augment import Augment
+from cnnrnn.data.degrade import degrade, mix
 from cnnrnn.data.fashion_mnist import CLASSES, SIDE, Split
 from cnnrnn.data.loader import epoch_seed
+from cnnrnn.data.scene import Scene, label_statistics
 
 
 def sample_layout(n: int, n_items: int, grid: int, min_items: int, max_items: int,
@@ -54,35 +56,60 @@ class CompositeSource:
     """Composites of one split: {'image': (B, G*28, G*28) uint8, 'cells': (B, G*G), 'labels': (B, C)}.
 
     Training sources draw new layouts every epoch; fixed sources (validation, test) draw theirs once from
-    `seed`, so every run and every model sees the same images.
+    `seed`, so every run and every model sees the same images. `scene` (a Scene) decides which items go
+    together (default: independent, uniform); `degrade` corrupts every item (see data.degrade), the same way
+    for a fixed image whatever batch it comes in.
     """
 
     def __init__(self, split: Split, size: int, grid: int = 2, min_items: int = 1, max_items: int = 4,
-                 seed: int = 0, fixed: bool = False, augment: Augment | None = None):
+                 seed: int = 0, fixed: bool = False, augment: Augment | None = None, scene: Scene | None = None,
+                 degrade: float = 0.0):
         self.split, self.size, self.grid = split, size, grid
         self.min_items, self.max_items, self.seed, self.augment = min_items, max_items, seed, augment
+        self.scene, self.degrade = scene, degrade
         self.fixed_layout = self._layout(seed) if fixed else None
-        # Built once, so that rendering only gathers; augmented batches pad their own items instead.
-        self.words = with_black(split.images) if augment is None else None
+        # Built once, so that rendering only gathers; augmented or degraded batches pad their own items instead.
+        self.words = with_black(split.images) if augment is None and not degrade else None
 
     def __len__(self) -> int:
         return self.size
 
     def _layout(self, seed: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed)
-        return sample_layout(self.size, len(self.split), self.grid, self.min_items, self.max_items, generator)
+        return self._draw(self.size, torch.Generator().manual_seed(seed))
+
+    def _draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        if self.scene is not None:
+            return self.scene.sample(n, self.split.labels, self.grid, self.min_items, self.max_items, generator)
+        return sample_layout(n, len(self.split), self.grid, self.min_items, self.max_items, generator)
 
     def order(self, epoch: int | None) -> torch.Tensor:
         if self.fixed_layout is not None:
             return self.fixed_layout
         return self._layout(epoch_seed(self.seed, 0 if epoch is None else epoch))
 
+    def statistics(self, n: int, seed: int = 12345) -> dict:
+        """Label statistics (data.scene.label_statistics) of n layouts drawn as this source draws them."""
+        return label_statistics(self._draw(n, torch.Generator().manual_seed(seed)), self.split.labels)
+
+    def item_seeds(self, rows: torch.Tensor, key: int) -> torch.Tensor:
+        """An int64 seed per occupied cell of layouts `rows`: a hash of the whole layout and the cell, so a
+        composite's items degrade alike in any batch; training sources mix in the batch key as well."""
+        h = torch.full((len(rows),), self.seed * 7919 + (0 if self.fixed_layout is not None else key + 1))
+        for j in range(rows.shape[1]):
+            h = mix(h * 31 + rows[:, j] + 2)
+        cell = torch.arange(rows.shape[1]).expand_as(rows)
+        return mix(h[:, None] * 131 + cell)[rows >= 0]
+
     def batch(self, rows: torch.Tensor, key: int = 0) -> dict[str, torch.Tensor]:
         layout, images = rows, self.words
-        if self.augment is not None:
-            # Augment only the items this batch places, then tile those: one augmented item per occupied cell.
+        if images is None:
+            # Change only the items this batch places, then tile those: one item per occupied cell.
             occupied = layout >= 0
-            items = self.augment(self.split.images[layout[occupied]], key)
+            items = self.split.images[layout[occupied]]
+            if self.degrade:
+                items = degrade(items, self.item_seeds(rows, key), self.degrade)
+            if self.augment is not None:
+                items = self.augment(items, key)
             layout = torch.full_like(layout, -1)
             layout[occupied] = torch.arange(len(items))
             images = with_black(items)

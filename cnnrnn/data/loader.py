@@ -7,6 +7,7 @@ from typing import Iterator, Protocol
 import torch
 
 from cnnrnn.data.augment import Augment
+from cnnrnn.data.degrade import degrade, mix
 from cnnrnn.data.fashion_mnist import Split
 
 
@@ -21,10 +22,12 @@ class Source(Protocol):
 
 
 class ItemSource:
-    """Single items of a split: {'image': (B, 28, 28) uint8, 'label': (B,) int64}."""
+    """Single items of a split: {'image': (B, 28, 28) uint8, 'label': (B,) int64}. With `degrade`, every item
+    is corrupted (data.degrade): the same way each time for a fixed source, afresh per batch for training."""
 
-    def __init__(self, split: Split, seed: int = 0, augment: Augment | None = None):
-        self.split, self.seed, self.augment = split, seed, augment
+    def __init__(self, split: Split, seed: int = 0, augment: Augment | None = None, degrade: float = 0.0,
+                 fixed: bool = True):
+        self.split, self.seed, self.augment, self.degrade, self.fixed = split, seed, augment, degrade, fixed
 
     def __len__(self) -> int:
         return len(self.split)
@@ -37,6 +40,9 @@ class ItemSource:
 
     def batch(self, rows: torch.Tensor, key: int = 0) -> dict[str, torch.Tensor]:
         images = self.split.images[rows]
+        if self.degrade:
+            salt = self.seed * 7919 + (0 if self.fixed else key + 1)
+            images = degrade(images, mix(rows * 31 + salt), self.degrade)
         if self.augment is not None:
             images = self.augment(images, key)
         return {"image": images, "label": self.split.labels[rows]}

@@ -57,7 +57,7 @@ class ConvEncoder(nn.Module):
             if not pool_first:
                 layers.append(nn.MaxPool2d(2))
         if cell:
-            layers += [nn.Dropout(dropout), nn.Conv2d(c_in, cell_dim, cell, stride=cell, bias=False),
+            layers += [FastDropout(dropout), nn.Conv2d(c_in, cell_dim, cell, stride=cell, bias=False),
                        nn.BatchNorm2d(cell_dim), nn.ReLU(inplace=True)]
             c_in = cell_dim
         self.layers = nn.Sequential(*layers)
@@ -92,9 +92,9 @@ class CNNBCE(nn.Module):
     """Multi-label baseline: the CNN encoder, global max pool, one linear layer of per-class logits."""
 
     def __init__(self, num_classes: int = 10, channels: tuple[int, ...] = (32, 64), convs: int = 1, cell: int = 7,
-                 cell_dim: int = 128, dropout: float = 0.3, pool: str = "max"):
+                 cell_dim: int = 128, dropout: float = 0.3, pool: str = "max", pool_first: bool = False):
         super().__init__()
-        self.encoder = ConvEncoder(channels, convs, cell, cell_dim, dropout)
+        self.encoder = ConvEncoder(channels, convs, cell, cell_dim, dropout, pool_first)
         self.pool = pool
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(self.encoder.out_channels, num_classes)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnrnn.models.cnn import ConvEncoder
+from cnnrnn.models.cnn import ConvEncoder, FastDropout
 
 Teacher = Callable[[int, torch.Tensor], torch.Tensor]  # (step, logits (B, C+1)) -> next tokens (B,)
 
@@ -26,11 +26,16 @@ class CNNRNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, channels: tuple[int, ...] = (32, 64), convs: int = 1, cell: int = 7,
                  cell_dim: int = 128, embed: int = 64, hidden: int = 256, attention: bool = True,
-                 attn_dim: int = 128, dropout: float = 0.3, beam_size: int = 1, max_labels: int = 4):
+                 attn_dim: int = 128, dropout: float = 0.3, beam_size: int = 1, max_labels: int = 4,
+                 pool_first: bool = False, feedback: bool = True, context_dropout: float = 0.0,
+                 embed_dropout: float = 0.0):
         super().__init__()
         self.num_classes, self.end, self.start = num_classes, num_classes, num_classes + 1
         self.attention, self.beam_size, self.max_labels = attention, beam_size, max_labels
-        self.encoder = ConvEncoder(channels, convs, cell, cell_dim, dropout)
+        # feedback=False is the ablation: every step is fed the same (START) embedding instead of the label it
+        # emitted before, so the decoder still attends step by step but never sees its own outputs.
+        self.feedback = feedback
+        self.encoder = ConvEncoder(channels, convs, cell, cell_dim, dropout, pool_first)
         feat = self.encoder.out_channels
         self.embed = nn.Embedding(num_classes + 2, embed)
         self.init_h = nn.Linear(feat, hidden)
@@ -41,11 +46,18 @@ class CNNRNN(nn.Module):
             self.attn_score = nn.Linear(attn_dim, 1, bias=False)
         self.cell = nn.LSTMCell(embed + feat, hidden)
         self.drop = nn.Dropout(dropout)
+        self.drop_context = FastDropout(context_dropout)
+        self.drop_embed = FastDropout(embed_dropout)
         self.out = nn.Linear(hidden + feat, num_classes + 1)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Features (B, L, D), their attention keys (B, L, A) and the initial LSTM state."""
+    def encode(self, x: torch.Tensor, flip: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Features (B, L, D), their attention keys (B, L, A) and the initial LSTM state. With `flip`, the
+        features of the mirrored image are averaged in (test-time flips): mirroring the canvas mirrors every
+        item and the cell order, so flipping its map back lines each cell up with the original's."""
         fmap = self.encoder(x)                                   # (B, D, h, w)
+        if flip:
+            fmap = (fmap + self.encoder(x.flip(-1)).flip(-1)) / 2
         feats = fmap.flatten(2).transpose(1, 2)                  # (B, D, h, w) -> (B, L=h*w, D)
         mean = feats.mean(dim=1)                                 # (B, D)
         keys = self.attn_feat(feats) if self.attention else feats
@@ -59,8 +71,10 @@ class CNNRNN(nn.Module):
             alpha = scores.squeeze(-1).softmax(dim=1)                                  # (B, L)
         else:
             alpha = feats.new_full(feats.shape[:2], 1.0 / feats.shape[1])
-        context = torch.bmm(alpha[:, None], feats).squeeze(1)    # (B, 1, L) @ (B, L, D) -> (B, D)
-        h, c = self.cell(torch.cat([self.embed(tokens), context], dim=1), (h, c))
+        context = self.drop_context(torch.bmm(alpha[:, None], feats).squeeze(1))  # (B, 1, L) @ (B, L, D) -> (B, D)
+        if not self.feedback:
+            tokens = torch.full_like(tokens, self.start)
+        h, c = self.cell(torch.cat([self.drop_embed(self.embed(tokens)), context], dim=1), (h, c))
         logits = self.out(self.drop(torch.cat([h, context], dim=1)))
         return logits, (h, c), alpha
 
@@ -86,18 +100,20 @@ class CNNRNN(nn.Module):
         return allowed
 
     @torch.no_grad()
-    def generate(self, x: torch.Tensor, beam_size: int | None = None) -> dict[str, torch.Tensor]:
-        """Decode from the image alone. Returns 'labels' (B, C) bool, 'scores' (B, C) each class's highest
-        probability over the decoding steps, 'tokens' (B, T) (END-padded) and 'alpha' (B, T, L)."""
+    def generate(self, x: torch.Tensor, beam_size: int | None = None, flip: bool = False) -> dict[str, torch.Tensor]:
+        """Decode from the image alone (`flip`: test-time flips, see encode). Returns 'labels' (B, C) bool,
+        'scores' (B, C) each class's highest probability over the decoding steps, 'tokens' (B, T) (END-padded)
+        and 'alpha' (B, T, L)."""
         beam_size = beam_size or self.beam_size
-        out = self._greedy(x) if beam_size == 1 else self._beam(x, beam_size)
+        encoded = self.encode(x, flip)
+        out = self._greedy(x, encoded) if beam_size == 1 else self._beam(x, beam_size, encoded)
         pad = self.max_labels + 1 - out["tokens"].shape[1]  # decoding stops early once every image is done
         out["tokens"] = F.pad(out["tokens"], (0, pad), value=self.end)
         out["alpha"] = F.pad(out["alpha"], (0, 0, 0, pad))
         return out
 
-    def _greedy(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats, keys, state = self.encode(x)
+    def _greedy(self, x: torch.Tensor, encoded=None) -> dict[str, torch.Tensor]:
+        feats, keys, state = encoded or self.encode(x)
         b, c = len(x), self.num_classes
         tokens = torch.full((b,), self.start, dtype=torch.long, device=x.device)
         emitted = torch.zeros(b, c, dtype=torch.bool, device=x.device)
@@ -118,8 +134,8 @@ class CNNRNN(nn.Module):
                 break
         return {"labels": emitted, "scores": scores, "tokens": torch.stack(out, 1), "alpha": torch.stack(alphas, 1)}
 
-    def _beam(self, x: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-        feats, keys, (h, c) = self.encode(x)
+    def _beam(self, x: torch.Tensor, k: int, encoded=None) -> dict[str, torch.Tensor]:
+        feats, keys, (h, c) = encoded or self.encode(x)
         b, n, v = len(x), self.num_classes, self.num_classes + 1
         dev = x.device
 
