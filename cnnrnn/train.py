@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import platform
 import random
 import signal
 import time
@@ -295,7 +296,7 @@ def finish(cfg, out_dir, model, task, src, writer, st, params, device, amp, t_st
     results, test_out, test_t = report.score_test(model, task, src.test, device, amp)
     summary.update({"params": params, "train/ms_per_step": 1000 * st["loop_s"] / max(st["loop_steps"], 1),
                     "wall_time_s": st["wall_s"] + time.time() - t_start, f"val/{task.select}_best": st["best"],
-                    "best_epoch": st["best_epoch"], "epochs": st["epoch"]})
+                    "best_epoch": st["best_epoch"], "epochs": st["epoch"], "hardware": hardware(device)})
     if cfg.kind != "single":
         summary.update(tile_oracle(cfg, out_dir, src.test, device))
     results.update(summary)
@@ -313,6 +314,19 @@ def finish(cfg, out_dir, model, task, src, writer, st, params, device, amp, t_st
     log.info("test: %s", "  ".join(f"{k}={results[f'test/{k}']:.4f}" for k in names if f"test/{k}" in results))
     log.info("wrote %s (%.0f s)", out_dir / "metrics.json", summary["wall_time_s"])
     return results
+
+
+def hardware(device: torch.device) -> str:
+    """What the run ran on, for the results tables: the GPU's name, or the CPU's and the threads used."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
 
 
 def tile_oracle(cfg: Config, out_dir: Path, test_src, device) -> dict:
