@@ -18,6 +18,7 @@ TASKS = {  # task -> (kind, model names it trains)
     "cnn": ("single", ("cnn",)),
     "multilabel": ("sequence", ("cnn_rnn",)),
     "multilabel_bce": ("bce", ("cnn_bce",)),
+    "multilabel_large": ("sequence", ("cnn_rnn",)),
 }
 LABEL_ORDERS = ("frequency", "rare_first", "spatial", "random", "orderless")
 

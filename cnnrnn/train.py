@@ -346,14 +346,20 @@ def train_oracle(cfg: Config, out_dir: Path) -> Path:
     """
     import fcntl
 
-    d = cfg.data
+    d, m = cfg.data, cfg.model
     epochs = [] if cfg.oracle.epochs is None else [f"trainer.epochs={cfg.oracle.epochs}"]
-    overrides = ["task=cnn", *epochs, f"seed={cfg.seed}", f"data.root={d.root}", f"data.val_size={d.val_size}",
+    # The oracle's per-item stage is the composite encoder's (same convs, its dense layer the cell conv), so the
+    # comparison is of what each model does with the same item reader; the cnn also fits model.init_from.
+    shape = [f"model.channels=[{','.join(map(str, m['channels']))}]", f"model.convs={m['convs']}",
+             f"model.pool_first={str(m.get('pool_first', False)).lower()}",
+             *([f"model.hidden={m['cell_dim']}"] if m.get("cell") else [])]
+    overrides = ["task=cnn", *shape, *epochs, f"seed={cfg.seed}", f"data.root={d.root}", f"data.val_size={d.val_size}",
                  f"data.seed={d.seed}", f"data.limit={'null' if d.limit is None else d.limit}",
                  f"data.train_eval_size={d.train_eval_size}", f"data.degrade={d.degrade}"]
     if cfg.oracle.cache:
-        name = "-".join(o.replace("task=", "").replace("data.", "").replace("trainer.", "").replace("=", "")
-                        for o in overrides if not o.startswith(("data.root", "data.train_eval")))
+        name = "-".join(f"{k.rsplit('.', 1)[-1]}{v}".replace("task", "").replace(",", "_").strip("[]")
+                        .replace("[", "").replace("]", "") for k, v in (o.split("=", 1) for o in overrides)
+                        if not k.startswith(("data.root", "data.train_eval")))
         sub = Path(cfg.oracle.cache) / name
     else:
         sub = out_dir / "oracle"
