@@ -1,9 +1,11 @@
-"""Speed table: python -m cnnrnn.bench [--models lstm,cnn] [--batch-sizes 32,128] [--json PATH].
+"""Speed table: python -m cnnrnn.bench [--models lstm,cnn] [--batch-sizes 32,128] [--json PATH] [--onnx].
 
 Per model and batch size: training ms/step (forward + backward + optimizer step, steady state after
 warm-up, median of repeats), samples/s, counted FLOPs per sample, achieved GFLOP/s and MFU (against a large
 fp32 matmul timed in the same process), inference images/s; plus composite generation images/s and the
-data path's share of a training step. Models are built from their task's default config.
+data path's share of a training step. With --onnx, also the inference images/s of the same weights exported
+by cnnrnn.export and run by onnxruntime on CPU (onnx_infer_img_per_s). Models are built from their task's
+default config.
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ import logging
 import platform
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 import warnings
 
 import torch
@@ -61,8 +65,31 @@ def time_it(fn, steps: int, repeats: int) -> float:
     return statistics.median(runs)
 
 
+def onnx_infer_rate(cfg, model, batch: dict, steps: int, repeats: int) -> float:
+    """Images/s of onnxruntime on the exported model (same weights, same batch, as many threads as torch)."""
+    from cnnrnn import export
+    from cnnrnn.exported import OnnxModel
+
+    module, outputs = export.graph(cfg, model)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export.export(module, outputs, Path(tmp) / "model.onnx", export.side(cfg),
+                             export.metadata(cfg, {"config": cfg.to_dict()}, outputs))
+        onnx_model = OnnxModel(path, threads=torch.get_num_threads())
+    images = batch["image"]
+    onnx_model.run(images)
+    return len(images) / time_it(lambda: onnx_model.run(images), max(2, steps // 2), repeats)
+
+
+def onnx_missing() -> str | None:
+    """Why --onnx cannot run here (onnx or onnxruntime not installed), or None."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    return f"{' and '.join(missing)} not installed (pip install 'cnnrnn[export]')" if missing else None
+
+
 def bench_model(name: str, batch_size: int, steps: int, repeats: int, peak: float, amp: bool | None,
-                compile_model: bool) -> dict:
+                compile_model: bool, onnx: bool = False) -> dict:
     """One model's record; amp None means the task's default setting."""
     cfg = compose_config([f"task={MODELS[name]}", f"trainer.batch_size={batch_size}"])
     amp = cfg.trainer.amp if amp is None else amp
@@ -99,11 +126,14 @@ def bench_model(name: str, batch_size: int, steps: int, repeats: int, peak: floa
         task.predict(model, batch)
         infer = time_it(lambda: task.predict(model, batch), max(2, steps // 2), repeats)
     gflops = flops * batch_size / sec / 1e9
-    return {"model": name, "batch_size": batch_size, "ms_per_step": round(sec * 1000, 2),
-            "samples_per_s": round(batch_size / sec, 1), "mflops_per_sample": round(flops / 1e6, 2),
-            "gflops": round(gflops, 1), "mfu": round(gflops / peak, 3),
-            "infer_images_per_s": round(batch_size / infer, 1),
-            "data_share": round(data_sec / (data_sec + sec), 4), "amp": amp, "compile": compile_model}
+    record = {"model": name, "batch_size": batch_size, "ms_per_step": round(sec * 1000, 2),
+              "samples_per_s": round(batch_size / sec, 1), "mflops_per_sample": round(flops / 1e6, 2),
+              "gflops": round(gflops, 1), "mfu": round(gflops / peak, 3),
+              "infer_images_per_s": round(batch_size / infer, 1),
+              "data_share": round(data_sec / (data_sec + sec), 4), "amp": amp, "compile": compile_model}
+    if onnx:
+        record["onnx_infer_img_per_s"] = round(onnx_infer_rate(cfg, model, batch, steps, repeats), 1)
+    return record
 
 
 def bench_composites(batch_size: int = 512, steps: int = 50) -> float:
@@ -129,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="bf16 autocast on or off (default: as each task trains)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models")
     parser.add_argument("--json", help="also write the records to this file")
+    parser.add_argument("--onnx", action="store_true", help="also time inference of the exported model in "
+                                                           "onnxruntime (needs the [export] extras)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
@@ -151,17 +183,22 @@ def main(argv: list[str] | None = None) -> None:
                "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": platform.processor()}
     print(f"fp32 matmul peak {machine['peak_gflops_fp32']} GFLOP/s, bf16 {machine['peak_gflops_bf16']} GFLOP/s, "
           f"{machine['threads']} threads, torch {machine['torch']}", file=sys.stderr)
+    onnx = args.onnx
+    if onnx and onnx_missing():
+        print(f"--onnx: skipped, {onnx_missing()}", file=sys.stderr)
+        onnx = False
     header = f"{'model':<8} {'batch':>5} {'ms/step':>8} {'samples/s':>10} {'MFLOP/smp':>10} {'GFLOP/s':>8} " \
-             f"{'MFU':>6} {'infer img/s':>11} {'data':>6}"
+             f"{'MFU':>6} {'infer img/s':>11} {'data':>6}" + (f" {'onnx img/s':>10}" if onnx else "")
     print(header)
     records = []
     for name in models:
         for b in sizes:
-            r = bench_model(name, b, args.steps, args.repeats, peak, args.amp, args.compile)
+            r = bench_model(name, b, args.steps, args.repeats, peak, args.amp, args.compile, onnx)
             records.append({**r, **machine})
             print(f"{name:<8} {b:>5} {r['ms_per_step']:>8.2f} {r['samples_per_s']:>10.0f} "
                   f"{r['mflops_per_sample']:>10.2f} {r['gflops']:>8.1f} {r['mfu']:>6.1%} "
-                  f"{r['infer_images_per_s']:>11.0f} {r['data_share']:>6.1%}", flush=True)
+                  f"{r['infer_images_per_s']:>11.0f} {r['data_share']:>6.1%}"
+                  + (f" {r['onnx_infer_img_per_s']:>10.0f}" if onnx else ""), flush=True)
     rate = bench_composites()
     print(f"composite generation: {rate:,.0f} images/s")
     records.append({"model": "composites", "images_per_s": round(rate), **machine})

@@ -1,8 +1,9 @@
-"""Name the items in images: python -m cnnrnn.predict CKPT IMAGE_OR_DIR ...
+"""Name the items in images: python -m cnnrnn.predict CKPT_OR_ONNX IMAGE_OR_DIR ...
 
 One JSON line per image on stdout: {"image": path, "labels": [names], "scores": {name: probability}}.
-Images are 8-bit gray, light items on black (RGB is converted), 28 pixels square for a single-label model
-and grid x 28 for a multi-label one (--resize scales others). A bad image is reported on stderr and
+The model is a checkpoint, or an .onnx file written by cnnrnn.export (run by onnxruntime on CPU; the same
+lines). Images are 8-bit gray, light items on black (RGB is converted), 28 pixels square for a single-label
+model and grid x 28 for a multi-label one (--resize scales others). A bad image is reported on stderr and
 skipped; the exit status is then 1.
 """
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -64,18 +67,31 @@ def predict(model, task, images: torch.Tensor) -> tuple[list[list[int]], torch.T
     return task.labels(out), out["scores"]
 
 
+def load(path: str) -> tuple[Callable, int, list[str]]:
+    """predict()'s function of uint8 images (B, H, W), the image side and the class names, for a checkpoint
+    or an exported .onnx file."""
+    if path.lower().endswith(".onnx"):
+        from cnnrnn.exported import OnnxModel
+
+        onnx_model = OnnxModel(path)
+        return onnx_model.predict, onnx_model.side, onnx_model.classes
+    state = load_checkpoint(path)
+    cfg, model, task = build.from_checkpoint(state, path)
+    side = SIDE if cfg.kind == "single" else SIDE * cfg.data.grid
+    return partial(predict, model, task), side, list(CLASSES)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cnnrnn.predict", description=__doc__.splitlines()[0])
-    parser.add_argument("ckpt", help="a checkpoint written by cnnrnn.train (single- or multi-label)")
+    parser.add_argument("ckpt", help="a checkpoint written by cnnrnn.train (single- or multi-label), or an .onnx "
+                                     "file written by cnnrnn.export")
     parser.add_argument("images", nargs="+", help="image files or folders of images")
     parser.add_argument("--resize", action="store_true", help="scale images of another size to the model's")
     args = parser.parse_args(argv)
     try:
-        state = load_checkpoint(args.ckpt)
-        cfg, model, task = build.from_checkpoint(state, args.ckpt)
+        infer, side, classes = load(args.ckpt)
     except UserError as exc:
         fail(str(exc))
-    side = SIDE if cfg.kind == "single" else SIDE * cfg.data.grid
     paths, problems = image_paths(args.images)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
@@ -90,10 +106,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"error: {exc}", file=sys.stderr)
         if not images:
             continue
-        labels, scores = predict(model, task, torch.stack(images))
+        labels, scores = infer(torch.stack(images))
         for path, idx, row in zip(chunk, labels, scores):
-            record = {"image": str(path), "labels": [CLASSES[i] for i in idx],
-                      "scores": {c: round(float(s), 6) for c, s in zip(CLASSES, row)}}
+            record = {"image": str(path), "labels": [classes[i] for i in idx],
+                      "scores": {c: round(float(s), 6) for c, s in zip(classes, row)}}
             print(json.dumps(record), flush=True)
     if problems:
         raise SystemExit(1)

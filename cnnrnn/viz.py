@@ -121,3 +121,40 @@ def save(fig: Figure, path) -> None:
 
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def compare_curves(series: dict[str, list[tuple[str, list, list]]], xlabel: str) -> Figure:
+    """Validation curves of many runs overlaid, one axis per metric ({ylabel: [(run, xs, ys)]})."""
+    fig, axes = _subplots(1, len(series), figsize=(6.5 * len(series), 4.2), squeeze=False)
+    for ax, (ylabel, runs) in zip(axes[0], series.items()):
+        for name, xs, ys in runs:
+            ax.plot(xs, ys, "-o", ms=2.5, lw=1.2, label=name)
+        ax.set_xlabel(xlabel)
+        if xlabel == "epoch":
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if any(xs for _, xs, _ in runs):
+            ax.legend(fontsize=6.5, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def by_degrade(levels: list[float], lines: dict[str, list[float | None]], ylabel: str, dashed=()) -> Figure:
+    """One line per model of a metric against data.degrade (None: not measured at that level)."""
+    fig, ax = _subplots(figsize=(6, 4))
+    for label, values in lines.items():
+        points = [(x, y) for x, y in zip(levels, values) if y is not None]
+        if not points:
+            continue
+        ax.plot(*zip(*points), "--" if label in dashed else "-o", ms=4, label=label,
+                color="gray" if label in dashed else None)
+    ax.set_xticks(levels)
+    ax.set_xlabel("degrade strength (data.degrade)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

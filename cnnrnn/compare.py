@@ -1,0 +1,347 @@
+"""Compare finished runs: python -m cnnrnn.compare RUN_DIR_OR_GLOB ... [--out DIR] [--x epoch|time].
+
+Reads each run's metrics.json, its config (.hydra/config.yaml, else checkpoints/last.pt) and its validation
+curve from the TensorBoard events, and writes into DIR `table.md` (single-label and multi-label runs in a table
+each; also printed) and `curves.png` (every run's validation curve). A sweep folder stands for every run below
+it, except the tile oracle's cnn in a run's oracle/. When the multi-label runs differ in data.degrade (the
+context experiment, `python -m cnnrnn.train -m +experiment=context`), also `context.md` and `context.png`: test
+f1_samples and exact match per model and degrade level, beside the tile oracle.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cnnrnn.cli import fail
+from cnnrnn.errors import UserError
+
+log = logging.getLogger("cnnrnn")
+
+DASH = "–"
+ARMS = ("decoder", "decoder, no feedback", "BCE")  # the context experiment's rows, in this order
+ORACLE = "tile oracle"
+
+
+@dataclass
+class Run:
+    path: Path
+    metrics: dict
+    config: dict
+    name: str = ""
+    curve: list[tuple[int, float, float]] = field(default_factory=list)  # (epoch, seconds since start, value)
+
+    @property
+    def kind(self) -> str:
+        return "single" if "test/acc" in self.metrics else "multi"
+
+    @property
+    def select(self) -> str:
+        """The validation metric the run was selected on."""
+        return "acc" if self.kind == "single" else "f1_samples"
+
+    @property
+    def task(self) -> str:
+        return str(self.config.get("task", DASH))
+
+    @property
+    def degrade(self) -> float:
+        return float(self.config.get("data", {}).get("degrade", 0.0) or 0.0)
+
+
+# --- finding runs -------------------------------------------------------------------------------------------
+
+def _looks_like_run(folder: Path) -> bool:
+    return (folder / "metrics.json").is_file() or (folder / ".hydra").is_dir() or (folder / "checkpoints").is_dir()
+
+
+def _is_oracle(folder: Path) -> bool:
+    """The tile oracle's cnn, trained inside a multi-label run (RUN/oracle): not a run of the comparison."""
+    return folder.name == "oracle" and _looks_like_run(folder.parent)
+
+
+def _unfinished(folder: Path, more: int = 0) -> UserError:
+    others = f" (and {more} more run{'s' if more > 1 else ''} like it)" if more else ""
+    return UserError(f"{folder} has no metrics.json{others}: the run is unfinished or failed; finish it with "
+                     f"python -m cnnrnn.train resume={folder}, or leave it out.")
+
+
+def runs_in(path: Path) -> list[Path]:
+    """The run dirs a command-line path stands for: a run dir, its metrics.json, or a folder of runs."""
+    if not path.exists():
+        raise UserError(f"{path} does not exist; give a run dir (runs/TASK/TIME), a sweep folder or a glob.")
+    if path.is_file():
+        if path.name == "metrics.json":
+            return [path.parent]
+        raise UserError(f"{path} is a file, not a run; give a run dir (runs/TASK/TIME), a sweep folder or a glob.")
+    if (path / "metrics.json").is_file():
+        return [path]
+    if _looks_like_run(path):
+        raise _unfinished(path)
+    below = {p.parent for pattern in ("metrics.json", ".hydra", "checkpoints") for p in path.rglob(pattern)}
+    below = sorted(d for d in below if not _is_oracle(d))
+    unfinished = [d for d in below if not (d / "metrics.json").is_file()]
+    if unfinished:
+        raise _unfinished(unfinished[0], len(unfinished) - 1)
+    if not below:
+        raise UserError(f"{path} holds no run (no metrics.json in it or below it); give a run dir "
+                        f"(runs/TASK/TIME) or a sweep folder.")
+    return below
+
+
+def find_runs(inputs: list[str]) -> list[Path]:
+    """Every run dir named by the inputs (paths or globs), each once, in the order given."""
+    found = []
+    for arg in inputs:
+        paths = [Path(arg)]
+        if not paths[0].exists() and glob.has_magic(arg):
+            paths = [Path(p) for p in sorted(glob.glob(arg, recursive=True))]
+            if not paths:
+                raise UserError(f"{arg} matches nothing; give run dirs, a sweep folder or a glob that matches them.")
+        for path in paths:
+            found += runs_in(path)
+    unique = {}
+    for run in found:
+        unique.setdefault(run.resolve(), run)
+    return list(unique.values())
+
+
+# --- reading a run ------------------------------------------------------------------------------------------
+
+def read_config(run: Path) -> dict:
+    """The run's config: Hydra's .hydra/config.yaml, else the one its checkpoints/last.pt carries, else {}."""
+    hydra = run / ".hydra" / "config.yaml"
+    if hydra.is_file():
+        import yaml
+
+        try:
+            config = yaml.safe_load(hydra.read_text())
+        except yaml.YAMLError as exc:
+            raise UserError(f"{hydra} is not readable YAML ({str(exc).splitlines()[0]}); restore it, or move "
+                            f".hydra away so that the config is read from checkpoints/last.pt.") from None
+        return config if isinstance(config, dict) else {}
+    last = run / "checkpoints" / "last.pt"
+    if last.is_file():
+        from cnnrnn.engine import load_checkpoint
+
+        return load_checkpoint(last).get("config", {})
+    log.warning("%s has neither .hydra/config.yaml nor checkpoints/last.pt: its task is unknown", run)
+    return {}
+
+
+def val_curve(run: Path, tag: str) -> list[tuple[int, float, float]]:
+    """(epoch, seconds since the run's first logged step, value) of a per-epoch TensorBoard scalar."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    acc = ea.EventAccumulator(str(run), size_guidance={ea.SCALARS: 0})
+    acc.Reload()
+    tags = acc.Tags().get("scalars", [])
+    if tag not in tags:
+        return []
+    start = min(events[0].wall_time for events in (acc.Scalars(t) for t in tags) if events)
+    return [(i + 1, e.wall_time - start, e.value) for i, e in enumerate(acc.Scalars(tag))]
+
+
+def read_run(path: Path) -> Run:
+    try:
+        metrics = json.loads((path / "metrics.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path / 'metrics.json'} is not valid JSON ({exc}); recompute it with "
+                        f"python -m cnnrnn.evaluate {path}, or leave the run out.") from None
+    run = Run(path, metrics, read_config(path))
+    run.curve = val_curve(path, f"val/{run.select}")
+    if not run.curve:
+        log.warning("%s: no val/%s curve in its TensorBoard events", path, run.select)
+    return run
+
+
+def name_runs(runs: list[Run]) -> None:
+    """Each run's name: its path below the folder all of them share (a sweep's job folders)."""
+    paths = [str(r.path.resolve()) for r in runs]
+    common = os.path.commonpath(paths) if len(runs) > 1 else str(runs[0].path.resolve().parent)
+    for run, path in zip(runs, paths):
+        run.name = os.path.relpath(path, common) if path != common else run.path.name
+
+
+# --- tables -------------------------------------------------------------------------------------------------
+
+def _num(value, fmt: str) -> str:
+    return DASH if value is None else format(value, fmt)
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return DASH
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.2f} h"
+
+
+def markdown(header: list[str], rows: list[list[str]], align: str) -> str:
+    """A Markdown table; align holds 'l' or 'r' per column."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def runs_table(runs: list[Run], kind: str) -> str:
+    """The runs of one kind: size, epochs, best validation, test metrics, speed and hardware."""
+    single = kind == "single"
+    tests = [("test/acc", "**test acc**", ".2%")] if single else [
+        ("test/f1_samples", "**test f1_samples**", ".4f"), ("test/exact_match", "exact match", ".4f"),
+        ("test/f1_micro", "f1_micro", ".4f")]
+    if not single and any("oracle/f1_samples" in r.metrics for r in runs):
+        tests.append(("oracle/f1_samples", "tile oracle f1_samples", ".4f"))
+    header = ["run", "task", "params", "epochs (best)", f"best val {'acc' if single else 'f1_samples'}",
+              *[t[1] for t in tests], "ms/step", "wall", "hardware"]
+    rows = []
+    for r in runs:
+        m = r.metrics
+        epochs = f"{m['epochs']} ({m.get('best_epoch', DASH)})" if "epochs" in m else DASH
+        rows.append([f"`{r.name}`", r.task, _num(m.get("params"), ","), epochs,
+                     _num(m.get(f"val/{r.select}_best"), ".2%" if single else ".4f"),
+                     *[_num(m.get(key), fmt) for key, _, fmt in tests], _num(m.get("train/ms_per_step"), ".1f"),
+                     _duration(m.get("wall_time_s")), str(m.get("hardware", DASH))])
+    return markdown(header, rows, "ll" + "r" * (len(header) - 3) + "l")
+
+
+def table(runs: list[Run]) -> str:
+    """table.md: a table for the single-label runs and one for the multi-label runs (those present)."""
+    parts = []
+    for kind, title in (("single", "Single-label runs (Fashion-MNIST test set)"),
+                        ("multi", "Multi-label runs (test composites)")):
+        chosen = [r for r in runs if r.kind == kind]
+        if chosen:
+            parts.append(f"### {title}\n\n{runs_table(chosen, kind)}\n")
+    return "\n".join(parts)
+
+
+# --- the context experiment ---------------------------------------------------------------------------------
+
+def arm(run: Run) -> str:
+    """The context experiment's row for a run: decoder, decoder without feedback, BCE (else its task)."""
+    model = run.config.get("model", {})
+    if model.get("name") == "cnn_bce" or run.task == "multilabel_bce":
+        return "BCE"
+    if model.get("name") == "cnn_rnn":
+        return "decoder" if model.get("feedback", True) else "decoder, no feedback"
+    return run.task
+
+
+def context_groups(runs: list[Run]) -> tuple[list[float], dict[str, dict[float, dict[str, float]]]] | None:
+    """Degrade levels and {row: {level: {metric: value}}} (means over a group's runs), or None when the
+    multi-label runs do not differ in data.degrade."""
+    multi = [r for r in runs if r.kind == "multi"]
+    levels = sorted({r.degrade for r in multi})
+    if len(levels) < 2:
+        return None
+    grouped: dict[str, dict[float, list[Run]]] = {}
+    for r in multi:
+        grouped.setdefault(arm(r), {}).setdefault(r.degrade, []).append(r)
+    keys = ("test/f1_samples", "test/exact_match", "test/grounding")
+    rows = {}
+    for label in [*[a for a in ARMS if a in grouped], *[a for a in grouped if a not in ARMS]]:
+        rows[label] = {}
+        for level, members in grouped[label].items():
+            if len(members) > 1:
+                log.info("context: %s at degrade %g averages %d runs", label, level, len(members))
+            rows[label][level] = {k: statistics.mean(m.metrics[k] for m in members) for k in keys
+                                  if all(k in m.metrics for m in members)}
+    # The oracle scores the same test composites for every arm of a level: take the first run that has it.
+    oracle = {}
+    for level in levels:
+        first = next((r for r in multi if r.degrade == level and "oracle/f1_samples" in r.metrics), None)
+        if first is not None:
+            oracle[level] = {"test/f1_samples": first.metrics["oracle/f1_samples"],
+                             "test/exact_match": first.metrics.get("oracle/exact_match")}
+    if oracle:
+        rows[ORACLE] = oracle
+    return levels, rows
+
+
+def context_table(levels: list[float], rows: dict) -> str:
+    """context.md: rows per model, test f1_samples and exact match (and the decoder's grounding) per level."""
+    grounding = any("test/grounding" in cell for row in rows.values() for cell in row.values())
+    metrics = [("test/f1_samples", "f1_samples"), ("test/exact_match", "exact match")]
+    if grounding:
+        metrics.append(("test/grounding", "grounding"))
+    header = ["model", *[f"{name} (degrade {level:g})" for level in levels for _, name in metrics]]
+    body = [[label, *[_num(row.get(level, {}).get(key), ".4f") for level in levels for key, _ in metrics]]
+            for label, row in rows.items()]
+    return ("### Context: test metrics by data.degrade\n\n"
+            "Every model scores the same test composites at each level; the tile oracle is the single-label cnn "
+            "on each occupied cell, told the layout (no context).\n\n" + markdown(header, body, "l" + "r" * len(
+                header[1:])) + "\n")
+
+
+# --- the command --------------------------------------------------------------------------------------------
+
+def out_dir(inputs: list[str], out: str | None) -> Path:
+    """--out, else the single folder given when it is a folder of runs, else the current folder; never a run
+    dir, whose own curves.png would be overwritten."""
+    if out is None:
+        single = Path(inputs[0]) if len(inputs) == 1 else None
+        folder = single if single is not None and single.is_dir() and not _looks_like_run(single) else Path(".")
+    else:
+        folder = Path(out)
+    if (folder / "metrics.json").is_file():
+        raise UserError(f"--out {folder} is a run dir, whose own curves.png this would overwrite; choose another "
+                        f"folder with --out.")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {folder} is a file; give a folder for table.md and curves.png.")
+    return folder
+
+
+def compare(inputs: list[str], out: str | None = None, x: str = "epoch") -> dict[str, Path]:
+    """Write table.md and curves.png (and context.md, context.png) for these runs; returns what was written."""
+    from cnnrnn import viz
+
+    folder = out_dir(inputs, out)
+    runs = [read_run(p) for p in find_runs(inputs)]
+    name_runs(runs)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {"table.md": folder / "table.md", "curves.png": folder / "curves.png"}
+    text = table(runs)
+    written["table.md"].write_text(text)
+    series = {}
+    for r in runs:
+        label = "val acc" if r.kind == "single" else "val f1_samples"
+        xs = [e if x == "epoch" else s / 60 for e, s, _ in r.curve]
+        series.setdefault(label, []).append((r.name, xs, [v for _, _, v in r.curve]))
+    viz.save(viz.compare_curves(series, "epoch" if x == "epoch" else "wall time (min)"), written["curves.png"])
+    context = context_groups(runs)
+    if context is not None:
+        levels, rows = context
+        context_md = context_table(levels, rows)
+        text += "\n" + context_md
+        written["context.md"] = folder / "context.md"
+        written["context.md"].write_text(context_md)
+        lines = {label: [row.get(level, {}).get("test/f1_samples") for level in levels] for label, row in rows.items()}
+        written["context.png"] = folder / "context.png"
+        viz.save(viz.by_degrade(levels, lines, "test f1_samples", dashed=(ORACLE,)), written["context.png"])
+    print(text, end="")
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cnnrnn.compare", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="run dirs, sweep folders or globs (quoted, e.g. 'runs/cnn/*')")
+    parser.add_argument("--out", help="folder for table.md and curves.png (default: the single folder of runs "
+                                      "given, else the current folder)")
+    parser.add_argument("--x", choices=("epoch", "time"), default="epoch", help="the curves' x axis")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    log.setLevel(logging.INFO)  # ours only: TensorBoard's reader is chatty at INFO
+    try:
+        written = compare(args.runs, args.out, args.x)
+    except UserError as exc:
+        fail(str(exc))
+    log.info("wrote %s", ", ".join(str(p) for p in written.values()))
+
+
+if __name__ == "__main__":
+    main()
