@@ -5,6 +5,7 @@ run dir), then `run(cfg, out_dir)` does the work, so tests call `run` directly.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -360,7 +361,8 @@ def train_oracle(cfg: Config, out_dir: Path) -> Path:
         name = "-".join(f"{k.rsplit('.', 1)[-1]}{v}".replace("task", "").replace(",", "_").strip("[]")
                         .replace("[", "").replace("]", "") for k, v in (o.split("=", 1) for o in overrides)
                         if not k.startswith(("data.root", "data.train_eval")))
-        sub = Path(cfg.oracle.cache) / name
+        root = hashlib.md5(str(Path(d.root).resolve()).encode()).hexdigest()[:6]  # another data.root: another cnn
+        sub = Path(cfg.oracle.cache) / f"{name}-root{root}"
     else:
         sub = out_dir / "oracle"
     sub.parent.mkdir(parents=True, exist_ok=True)

@@ -81,7 +81,7 @@ needs_real_data = pytest.mark.skipif(
 def tiny(root: Path, *extra: str) -> list[str]:
     """Overrides for a seconds-long run on the fake dataset."""
     return [f"data.root={root}", "data.val_size=100", "data.train_eval_size=100", "trainer.batch_size=50",
-            "trainer.epochs=2", "trainer.progress=false", "oracle.epochs=1", *extra]
+            "trainer.epochs=2", "trainer.progress=false", "oracle.epochs=1", "oracle.cache=null", *extra]
 
 
 def cli_env() -> dict:
