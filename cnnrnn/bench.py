@@ -184,8 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"fp32 matmul peak {machine['peak_gflops_fp32']} GFLOP/s, bf16 {machine['peak_gflops_bf16']} GFLOP/s, "
           f"{machine['threads']} threads, torch {machine['torch']}", file=sys.stderr)
     onnx = args.onnx
-    if onnx and onnx_missing():
-        print(f"--onnx: skipped, {onnx_missing()}", file=sys.stderr)
+    missing = onnx_missing() if onnx else None
+    if missing:
+        print(f"--onnx: skipped, {missing}", file=sys.stderr)
         onnx = False
     header = f"{'model':<8} {'batch':>5} {'ms/step':>8} {'samples/s':>10} {'MFLOP/smp':>10} {'GFLOP/s':>8} " \
              f"{'MFU':>6} {'infer img/s':>11} {'data':>6}" + (f" {'onnx img/s':>10}" if onnx else "")
