@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from cnnrnn.cli import compose_config
 from cnnrnn.engine import load_checkpoint, save_checkpoint
 from cnnrnn.errors import UserError
 from cnnrnn.train import run
-from conftest import PYTHON, ROOT, cli_env, idx_bytes, needs_real_data, tiny, write_dataset
+from conftest import PYTHON, ROOT, cli_env, idx_bytes, needs_real_data, run_commands, tiny, write_dataset
 from test_train import scalar
 
 
@@ -97,10 +96,9 @@ BAD = [  # (command, the words the one sentence must hold)
 
 
 @pytest.fixture(scope="module")
-def refusals(bad_inputs) -> list[subprocess.CompletedProcess]:
-    """Every BAD command, run as a user would, four at a time: each is mostly interpreter start-up."""
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return list(pool.map(lambda args: cli(*[a.format(bad=bad_inputs) for a in args]), [a for a, _ in BAD]))
+def refusals(bad_inputs, tmp_path_factory) -> list[subprocess.CompletedProcess]:
+    """Every BAD command, run as a user would (forked from one interpreter that paid the start-up once)."""
+    return run_commands([[a.format(bad=bad_inputs) for a in args] for args, _ in BAD], tmp_path_factory.mktemp("walk"))
 
 
 @pytest.mark.parametrize("case", range(len(BAD)), ids=[" ".join(a[1:])[:40] for a, _ in BAD])
