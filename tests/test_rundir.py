@@ -137,7 +137,7 @@ def stopped_run(folder: Path, done: bool) -> Path:
 
 def test_a_changed_override_on_a_finished_run_is_refused(tmp_path, capsys):
     out = stopped_run(tmp_path / "run", done=True)
-    with pytest.raises(UserError, match=r"is a finished run \(2 epochs.*trainer.epochs=30 \(its 10\) would change "
+    with pytest.raises(UserError, match=r"is a finished run \(2 epochs.*trainer.epochs=30 \(its 40\) would change "
                                         r"nothing"):
         cli.check_command_line([f"resume={out}", "trainer.epochs=30"])
     with pytest.raises(SystemExit) as exit_:
