@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -176,11 +177,33 @@ def oracle_model(path, device: torch.device | str = "cpu") -> nn.Module:
     return net
 
 
-def preflight(cfg: Config) -> None:
-    """Check the files a run will read (scene, model.init_from, oracle.ckpt) before any work starts."""
-    if cfg.kind != "single":
-        scene(cfg)
-    if cfg.model.get("init_from"):
-        init_encoder(model(cfg), cfg.model["init_from"])
+def probe(cfg: Config) -> None:
+    """Build the model and its optimizer and run two blank images through it, so that sizes or settings torch
+    rejects are one sentence before any work, not a traceback after the data is read."""
+    try:
+        with warnings.catch_warnings():  # a zero-element layer warns first, then fails below
+            warnings.simplefilter("ignore")
+            net = model(cfg)
+        optimizer(cfg, net, 1)
+        side = 28 * (1 if cfg.kind == "single" else min(cfg.data.grid, 2))  # the cell arithmetic, not the memory
+        x = torch.zeros(2, 1, side, side)
+        with torch.no_grad():
+            net.eval()
+            net(x, torch.zeros(2, 1, dtype=torch.long)) if cfg.kind == "sequence" else net(x)  # one decoder step
+    except (ValueError, RuntimeError, TypeError, ZeroDivisionError) as exc:
+        reason = str(exc).splitlines()[0].rstrip(".") if str(exc) else type(exc).__name__
+        raise UserError(f"The model and optim settings of task={cfg.task} make a model that torch rejects "
+                        f"({reason}); compare them with `python -m cnnrnn.train task={cfg.task} --cfg job`.") from None
+
+
+def preflight(cfg: Config, only_oracle: bool = False) -> None:
+    """Check the model and the files a run will read (scene, model.init_from, oracle.ckpt) before any work
+    starts; `only_oracle` for a resumed run, whose other inputs were checked when it started."""
+    if not only_oracle:
+        probe(cfg)
+        if cfg.kind != "single":
+            scene(cfg)
+        if cfg.model.get("init_from"):
+            init_encoder(model(cfg), cfg.model["init_from"])
     if cfg.kind != "single" and cfg.oracle.ckpt:
         oracle_model(cfg.oracle.ckpt)

@@ -6,33 +6,45 @@ import difflib
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
+from cnnrnn import rundir
 from cnnrnn.config import CONFIG_DIR, Config, from_dict
 from cnnrnn.errors import UserError
 log = logging.getLogger("cnnrnn")
 
 
-def compose(overrides: list[str]):
+def compose(overrides: list[str], with_hydra: bool = False):
     """The composed DictConfig for these overrides, as `python -m cnnrnn.train` would see it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     if GlobalHydra.instance().is_initialized():
-        return hydra_compose("train", overrides=overrides)
+        return hydra_compose("train", overrides=overrides, return_hydra_config=with_hydra)
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose("train", overrides=overrides)
+        return hydra_compose("train", overrides=overrides, return_hydra_config=with_hydra)
+
+
+def _unresolvable(exc: Exception, key: str | None = None) -> UserError:
+    where = key or getattr(exc, "full_key", None) or "a value"
+    return UserError(f"Cannot resolve {where} ({str(exc).splitlines()[0].rstrip('.')}); give it a plain value, or "
+                     f"an interpolation of a key that exists.")
 
 
 def config_from(dcfg) -> Config:
     from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
 
-    values = OmegaConf.to_container(dcfg, resolve=True)
+    try:
+        values = OmegaConf.to_container(dcfg, resolve=True)
+    except InterpolationResolutionError as exc:  # '${nope}', '${oc.env:UNSET}' ...
+        raise _unresolvable(exc) from None
     values.pop("hydra", None)
     return from_dict(values)
 
@@ -75,8 +87,54 @@ def _explain(exc: Exception, overrides: list[str]) -> str:
     return f"Cannot compose the config from {' '.join(overrides)}: {text.splitlines()[0]}"
 
 
-def _holds_run(folder: Path) -> bool:
-    return folder.is_dir() and any((folder / name).exists() for name in ("checkpoints", "metrics.json", ".hydra"))
+# The folder this process claimed (a new run's or sweep's, or the resumed run's); held until the process ends.
+_CLAIM: rundir.Claim | None = None
+_RESUMED = False
+
+
+def _output_dir(overrides: list[str], key: str) -> str:
+    """hydra.run.dir or hydra.sweep.dir as Hydra will resolve it (interpolations, ${now:...}), made absolute."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    previous = HydraConfig.instance().cfg
+    try:
+        composed = compose(overrides, with_hydra=True)
+        HydraConfig.instance().set_config(composed)  # for ${hydra:...} in the path
+        return os.path.abspath(str(OmegaConf.select(composed, key, throw_on_missing=True)))
+    except OmegaConfBaseException as exc:
+        raise _unresolvable(exc, key) from None
+    finally:
+        HydraConfig.instance().cfg = previous
+
+
+def _quote(path: str) -> str:
+    """A path as a Hydra override value (quoted unless plain)."""
+    if re.fullmatch(r"[\w/.+:-]+", path):
+        return path
+    return "'" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _claim_output(argv: list[str], overrides: list[str], hydra_args: dict) -> list[str]:
+    """Claim the run's (or sweep's) real folder before Hydra writes anything there, and pin Hydra to it (a second
+    ${now:...} could differ by a second); a folder taken by a run, another process or other files is refused."""
+    global _CLAIM
+    sweep = any(a in ("-m", "--multirun") for a in argv) or str(hydra_args.get("hydra.mode")) == "MULTIRUN"
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    path = _output_dir(overrides, key)
+    chosen = key in hydra_args
+    for n in range(1, 10):
+        candidate = path if n == 1 else f"{path}-{n}"
+        try:
+            _CLAIM = rundir.claim(candidate, key)
+            break
+        except UserError:
+            # a default (timestamped) folder taken by a run started in the same second: the next free name
+            if chosen or n == 9 or not Path(candidate).is_dir():
+                raise
+    pinned = [a for a in argv if not re.match(rf"\+{{0,2}}{re.escape(key)}=", a)]
+    return pinned + [f"{key}={_quote(str(_CLAIM.path))}"]
 
 
 def check_command_line(argv: list[str]) -> list[str]:
@@ -91,14 +149,16 @@ def check_command_line(argv: list[str]) -> list[str]:
     except Exception as exc:
         raise UserError(f"Cannot parse the command line ({str(exc).splitlines()[0]}); write key=value pairs, "
                         f"e.g. task=cnn trainer.epochs=5.") from None
-    plain, hydra_args = [], {}
+    plain, hydra_args, hydra_lines = [], {}, []
     for o in parsed:
+        first = o.input_line
+        if o.is_sweep_override():  # check the first job of a sweep; every job validates itself again
+            first = f"{o.get_key_element()}={next(o.sweep_string_iterator())}"
         if o.key_or_group.startswith("hydra"):
             hydra_args[o.key_or_group] = o.value()
-        elif o.is_sweep_override():  # check the first job of a sweep; every job validates itself again
-            plain.append(f"{o.get_key_element()}={next(o.sweep_string_iterator())}")
+            hydra_lines.append(first)
         else:
-            plain.append(o.input_line)
+            plain.append(first)
     try:
         composed = compose(plain)
     except Exception as exc:
@@ -106,24 +166,30 @@ def check_command_line(argv: list[str]) -> list[str]:
     cfg = config_from(composed)
     rank = int(os.environ.get("RANK", "0"))
     if cfg.resume:
-        argv = argv + check_resume(cfg, composed, parsed)
-    elif rank == 0 and "hydra.run.dir" in hydra_args and _holds_run(Path(str(hydra_args["hydra.run.dir"]))):
-        folder = hydra_args["hydra.run.dir"]
-        raise UserError(f"hydra.run.dir={folder} already holds a run, which this one would mix with; choose a new "
-                        f"folder, or continue that run with resume={folder}.")
-    if not cfg.resume:
+        argv = argv + check_resume(cfg, composed, parsed, lock=rank == 0)
+    else:
         from cnnrnn.build import preflight
         preflight(cfg)
+        if rank == 0:  # last, so that a command refused above has created nothing
+            argv = _claim_output(argv, plain + hydra_lines, hydra_args)
     if rank > 0:  # only rank 0 writes a run dir and logs
         argv = argv + [f"hydra.run.dir={tempfile.mkdtemp(prefix='cnnrnn-rank')}", "hydra.output_subdir=null",
                        "hydra/job_logging=disabled"]
     return argv
 
 
-def check_resume(cfg: Config, composed, parsed) -> list[str]:
-    """Overrides that make Hydra write into the resumed run (without touching its .hydra/), or an error."""
+# Keys a resume may change: they shape no training, and a bad oracle.ckpt could otherwise never be fixed.
+RESUME_FREE = ("oracle.ckpt",)
+
+
+def check_resume(cfg: Config, composed, parsed, lock: bool = True) -> list[str]:
+    """Overrides that make Hydra write into the resumed run (without touching its .hydra/), or an error.
+    An override that differs from the run's own value is refused, for a finished run too (where it would
+    silently change nothing), except RESUME_FREE keys."""
+    global _CLAIM, _RESUMED
     from omegaconf import OmegaConf
 
+    from cnnrnn.build import preflight
     from cnnrnn.engine import load_checkpoint
 
     folder = Path(cfg.resume)
@@ -134,25 +200,39 @@ def check_resume(cfg: Config, composed, parsed) -> list[str]:
         raise UserError(f"resume={folder} has no checkpoints/last.pt (it stopped before its first checkpoint); "
                         f"start that run again without resume.")
     saved = load_checkpoint(last)
-    if saved.get("finished"):
-        print(f"Run {folder} is finished ({saved['epoch']} epochs; results in {folder / 'metrics.json'}); "
-              f"nothing to do.", file=sys.stderr)
-        raise SystemExit(0)
+    done = saved.get("finished")
     mine = OmegaConf.to_container(composed, resolve=True)
     for o in parsed:
         key = o.key_or_group
-        if key.startswith("hydra") or key == "resume":
+        if key.startswith("hydra") or key == "resume" or key in RESUME_FREE and not done:
             continue
         path = key.split(".")
         new, old = mine, saved["config"]
         for part in path:
             new = new.get(part) if isinstance(new, dict) else None
             old = old.get(part) if isinstance(old, dict) else None
+        if new != old and done:
+            raise UserError(f"resume={folder} is a finished run ({saved['epoch']} epochs; results in "
+                            f"{folder / 'metrics.json'}), so {key}={new} (its {old}) would change nothing; drop "
+                            f"{key}, or start a new run with it.")
         if new != old:
             raise UserError(f"resume={folder} continues that run as it was configured, but {key}={new} differs "
                             f"from its {old}; drop {key}, or start a new run.")
+    if done:
+        print(f"Run {folder} is finished ({saved['epoch']} epochs; results in {folder / 'metrics.json'}); "
+              f"nothing to do.", file=sys.stderr)
+        raise SystemExit(0)
+    if lock:
+        _CLAIM, _RESUMED = rundir.lock_existing(folder), True
+    kept = from_dict({**saved["config"], "resume": cfg.resume, "oracle": {
+        **saved["config"]["oracle"], **({"ckpt": cfg.oracle.ckpt} if cfg.oracle.ckpt else {})}})
+    if kept.kind != "single" and kept.oracle.ckpt:  # the rest was checked when the run started
+        try:
+            preflight(kept, only_oracle=True)
+        except UserError as exc:
+            raise UserError(f"{str(exc).rstrip('.')}; a resumed run takes a new one as oracle.ckpt=PATH.") from None
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    return [f"hydra.run.dir={folder}", f"hydra.output_subdir=.hydra/resume-{stamp}"]
+    return [f"hydra.run.dir={_quote(os.path.abspath(folder))}", f"hydra.output_subdir=.hydra/resume-{stamp}"]
 
 
 def cores() -> int:
@@ -184,6 +264,22 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+def _abandon(out_dir: Path, hydra_cfg) -> None:
+    """After a refusal or an interrupt before the first checkpoint: remove what this run created, so the same
+    command works once fixed (a resumed run loses only its .hydra/resume-* folder)."""
+    if (out_dir / "checkpoints" / "last.pt").exists() and not _RESUMED:
+        return  # a run with a checkpoint is kept: the message names it, resume continues it
+    subdir = hydra_cfg.output_subdir
+    if _RESUMED:
+        if subdir and str(subdir).startswith(".hydra/resume-"):
+            shutil.rmtree(out_dir / subdir, ignore_errors=True)
+    elif str(hydra_cfg.mode) == "RunMode.MULTIRUN":
+        if out_dir.parent == Path(hydra_cfg.sweep.dir).resolve() and out_dir.name:  # the sweep was claimed new
+            shutil.rmtree(out_dir, ignore_errors=True)
+    elif _CLAIM is not None and out_dir == _CLAIM.path.resolve():  # claimed empty or new: all that is in it is this run's
+        rundir.remove_contents(out_dir)
+
+
 def hydra_entry(run: Callable[[Config, str], object]) -> None:
     """Check the command line, then call run(cfg, output_dir) under @hydra.main."""
     import hydra
@@ -196,21 +292,38 @@ def hydra_entry(run: Callable[[Config, str], object]) -> None:
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
     def _main(dcfg) -> None:
+        hydra_cfg = HydraConfig.get()
+        out_dir = Path(hydra_cfg.runtime.output_dir).resolve()
+        job, mine = None, str(hydra_cfg.mode) != "RunMode.MULTIRUN"
         try:
+            if not mine:  # a sweep's job: its folder is new in the claimed sweep folder, unless the subdir clashes
+                job, mine = rundir.lock_job(out_dir), True
             cfg = config_from(dcfg)
-            threads = None if cfg.trainer.threads else default_threads(HydraConfig.get())
+            threads = None if cfg.trainer.threads else default_threads(hydra_cfg)
             if threads:  # an explicit trainer.threads wins
                 import torch
 
                 torch.set_num_threads(threads)
                 log.info("%d threads: this machine's %d cores shared by %d processes", threads, cores(),
-                         processes_sharing_cores(HydraConfig.get()))
-            run(cfg, HydraConfig.get().runtime.output_dir)
+                         processes_sharing_cores(hydra_cfg))
+            run(cfg, str(out_dir))
         except UserError as exc:
             log.error("%s", exc)
+            if mine:
+                _abandon(out_dir, hydra_cfg)
             raise SystemExit(2) from None
         except KeyboardInterrupt:
             log.error("Interrupted before the first checkpoint; nothing was saved.")
+            if mine:
+                _abandon(out_dir, hydra_cfg)
             raise SystemExit(130) from None
+        finally:
+            if job:
+                job.release()
 
-    _main()
+    try:
+        _main()
+    except SystemExit as exc:
+        if exc.code in (2, 130) and _CLAIM is not None and not _RESUMED:
+            _CLAIM.remove_if_unused()  # a refused run leaves no folder it created
+        raise

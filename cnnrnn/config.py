@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ TASKS = {  # task -> (kind, model names it trains)
     "multilabel_bce": ("bce", ("cnn_bce",)),
     "multilabel_large": ("sequence", ("cnn_rnn",)),
 }
+MAX_SEED = 2**31 - 1
 LABEL_ORDERS = ("frequency", "rare_first", "spatial", "random", "orderless")
 
 
@@ -121,6 +123,8 @@ def _coerce(value, annotation, where: str):
     if annotation in (int, float) and isinstance(value, bool) or not isinstance(value, annotation):
         raise UserError(f"{where}={value!r} must be of type {annotation.__name__}; "
                         f"write it as in `python -m cnnrnn.train --cfg job`.")
+    if annotation is float and not math.isfinite(value):  # inf passes every `> 0` below, nan fails all silently
+        raise UserError(f"{where}={value} must be a finite number.")
     return value
 
 
@@ -155,6 +159,8 @@ def validate(cfg: Config) -> Config:
     t, o, d = cfg.trainer, cfg.optim, cfg.data
     _require(cfg.task in TASKS, f"Unknown task '{cfg.task}'{_suggest(cfg.task, TASKS)}; choose one of "
              f"{', '.join(TASKS)}.")
+    for key, seed in (("seed", cfg.seed), ("data.seed", d.seed)):  # numpy takes seeds below 2**32; offsets are added
+        _require(0 <= seed <= MAX_SEED, f"{key}={seed} must be between 0 and {MAX_SEED}.")
     _require(t.epochs >= 1, f"trainer.epochs={t.epochs} must be at least 1.")
     _require(t.batch_size >= 1, f"trainer.batch_size={t.batch_size} must be at least 1.")
     _require(t.device in ("auto", "cpu", "cuda"), f"trainer.device={t.device!r} must be auto, cpu or cuda.")
@@ -163,6 +169,8 @@ def validate(cfg: Config) -> Config:
     _require(t.ckpt_every >= 0, f"trainer.ckpt_every={t.ckpt_every} must be 0 (off) or a number of steps.")
     _require(o.name in ("adamw", "sgd"), f"optim.name={o.name!r} must be adamw or sgd.")
     _require(o.lr > 0, f"optim.lr={o.lr} must be greater than 0.")
+    _require(0 <= o.momentum < 1 and (o.momentum > 0 or o.name != "sgd"), f"optim.momentum={o.momentum} must be "
+             f"in (0, 1) (sgd uses Nesterov momentum), e.g. 0.9.")
     _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be 0 or more.")
     _require(o.schedule in ("cosine", "constant"), f"optim.schedule={o.schedule!r} must be cosine or constant.")
     _require(0 <= o.warmup_epochs <= t.epochs, f"optim.warmup_epochs={o.warmup_epochs} must be between 0 and "

@@ -144,25 +144,49 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _remove_stale_temps(path: Path) -> None:
+    """Remove temporary files of earlier writes of `path` by processes that no longer exist (killed mid-write)."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            os.kill(int(tmp.name[len(path.name) + 2:-4]), 0)
+        except ValueError:
+            continue  # not one of ours
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # another user's live process
+
+
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """Write atomically: a temporary file in the same folder, flushed and fsynced, then os.replace.
-    A kill at any instant leaves the previous file or the new one, never a torn one."""
+    A kill at any instant leaves the previous file or the new one, never a torn one; a full disk or another
+    OSError is one sentence that says the previous file is intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(path)
+        try:
+            data = io.BytesIO()  # serialised first: torch's writer turns ENOSPC into an opaque RuntimeError
+            torch.save({"format": CHECKPOINT_FORMAT, **state}, data)
+            with open(tmp, "wb") as f:
+                f.write(data.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        before = f"the previous {path.name} is intact" if path.is_file() else f"no {path.name} was written"
+        then = "resume" if (path.parent / "last.pt").is_file() else "start again"
+        raise UserError(f"Cannot write the checkpoint {path} ({reason}); {before}; free space or fix the folder, "
+                        f"then {then}.") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

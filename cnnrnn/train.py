@@ -32,15 +32,26 @@ from cnnrnn.models import count_params
 log = logging.getLogger("cnnrnn")
 
 
-class StopSignals:
-    """Turn SIGINT/SIGTERM into a flag the loop checks after each step; a second signal kills at once."""
+class Stopped(Exception):
+    """SIGINT or SIGTERM arrived where there is no loop to check a flag (the final evaluation)."""
 
-    def __init__(self):
-        self.signum = None
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopSignals:
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step, or with `at_once` into Stopped raised
+    where the code is; a second signal kills at once."""
+
+    def __init__(self, at_once: bool = False):
+        self.signum, self.at_once = None, at_once
 
     def _handle(self, signum, frame):
         self.signum = signum
         signal.signal(signum, signal.SIG_DFL)
+        if self.at_once:
+            raise Stopped(signum)
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -112,7 +123,8 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
     if cfg.resume:  # the run continues exactly as it was configured
         out_dir = Path(cfg.resume)
         saved = load_checkpoint(out_dir / "checkpoints" / "last.pt")
-        cfg = from_dict({**saved["config"], "resume": cfg.resume})
+        oracle = {**saved["config"]["oracle"], **({"ckpt": cfg.oracle.ckpt} if cfg.oracle.ckpt else {})}
+        cfg = from_dict({**saved["config"], "resume": cfg.resume, "oracle": oracle})  # a new oracle.ckpt is taken
         if saved.get("finished"):
             log.info("Run %s is finished; nothing to do.", out_dir)
             return json.loads((out_dir / "metrics.json").read_text())
@@ -224,9 +236,10 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
                                          amp=amp, grad_clip=cfg.optim.grad_clip, first_step=st["global_step"],
                                          on_step=on_step)
             except NonFiniteLoss as exc:
+                kept = (f"{ckpt_dir / 'last.pt'} still holds the last good state" if (ckpt_dir / "last.pt").is_file()
+                        else "no checkpoint was written yet")
                 raise UserError(f"The training loss became {exc.value} at step {exc.step} (epoch {epoch + 1}); "
-                                f"stopped, and {ckpt_dir / 'last.pt'} still holds the last good state; lower "
-                                f"optim.lr or set optim.grad_clip.") from None
+                                f"stopped, and {kept}; lower optim.lr or set optim.grad_clip.") from None
             finally:
                 if bar is not None:
                     bar.close()
@@ -279,7 +292,14 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
 
     if rank != 0:
         return {}
-    metrics = finish(cfg, out_dir, eval_model, task, src, writer, st, params, device, amp, t_start)
+    try:
+        with StopSignals(at_once=True):
+            metrics = finish(cfg, out_dir, eval_model, task, src, writer, st, params, device, amp, t_start)
+    except Stopped as exc:
+        writer.close()
+        log.warning("Stopped by %s during the final test evaluation; the training is complete in %s; finish the "
+                    "evaluation with resume=%s", signal.Signals(exc.signum).name, ckpt_dir, out_dir)
+        raise SystemExit(128 + exc.signum) from None
     writer.close()
     return metrics
 

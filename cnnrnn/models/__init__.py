@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 
 from torch import nn
 
@@ -10,6 +11,7 @@ from cnnrnn.models.cnn import CNNBCE, SmallCNN
 from cnnrnn.models.cnn_rnn import CNNRNN
 from cnnrnn.models.lstm import RowLSTM
 
+ZERO_ALLOWED = ("cell",)  # model.cell=0: no cell embedding
 MODELS: dict[str, type[nn.Module]] = {"lstm": RowLSTM, "cnn": SmallCNN, "cnn_rnn": CNNRNN, "cnn_bce": CNNBCE}
 
 
@@ -32,6 +34,16 @@ def build_model(name: str, **kwargs) -> nn.Module:
                             f"{default!r}.")
         if key.endswith("dropout") and value is not None and not 0 <= value < 1:
             raise UserError(f"model.{key}={value!r} must be a probability in [0, 1), e.g. 0.3.")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"model.{key}={value!r} must be a finite number.")
+        # sizes: a zero-sized layer is a traceback deep inside torch, or a model that cannot learn
+        least = 0 if key in ZERO_ALLOWED else 1
+        sizes = value if isinstance(value, tuple) else (value,)
+        if isinstance(default, (int, tuple)) and not isinstance(value, bool) and (
+                any(isinstance(v, int) and not isinstance(v, bool) and v < least for v in sizes)):
+            raise UserError(f"model.{key}={list(value) if isinstance(value, tuple) else value} must be "
+                            f"{'0 or more' if least == 0 else 'at least 1'}"
+                            f"{' in every entry' if isinstance(value, tuple) else ''}.")
     return MODELS[name](**kwargs)
 
 
