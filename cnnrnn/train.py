@@ -24,8 +24,8 @@ from cnnrnn import build, cli, report, viz
 from cnnrnn.config import Config, from_dict
 from cnnrnn.data import fashion_mnist, scene
 from cnnrnn.data.loader import batches, num_batches
-from cnnrnn.engine import (NonFiniteLoss, keep_freed_memory, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
-                           train_one_epoch)
+from cnnrnn.engine import (NonFiniteLoss, keep_freed_memory, load_checkpoint, resolve_amp, rng_state, save_checkpoint,
+                           set_rng_state, train_one_epoch)
 from cnnrnn.errors import UserError
 from cnnrnn.models import count_params
 
@@ -123,7 +123,7 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     keep_freed_memory()
-    amp = cfg.trainer.amp or device.type == "cuda"
+    amp = resolve_amp(cfg.trainer.amp, device)  # an explicit trainer.amp=false wins on CUDA too
     seed_everything(cfg.seed)
 
     data = fashion_mnist.splits(cfg.data.root, cfg.data.val_size, cfg.data.limit, cfg.data.seed)
