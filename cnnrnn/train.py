@@ -285,6 +285,8 @@ def run(cfg: Config, out_dir: str | Path, distributed: bool = True) -> dict:
                 log.warning("Stopped by %s at epoch %d, step %d; saved %s; continue with resume=%s", name, epoch + 1,
                             st["global_step"], ckpt_dir / "last.pt", out_dir)
                 writer.close()
+                if world > 1:  # torchrun tears the others down as soon as one rank exits: leave once last.pt is whole
+                    dist.barrier()
                 raise SystemExit(128 + stopping)
 
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train/loss_running": result["loss"],
@@ -319,6 +321,8 @@ def run(cfg: Config, out_dir: str | Path, distributed: bool = True) -> dict:
             if stopping is not None:
                 log.warning("Stopped by %s after epoch %d; saved %s; continue with resume=%s",
                             signal.Signals(stopping).name, epoch + 1, ckpt_dir / "last.pt", out_dir)
+                if world > 1:
+                    dist.barrier()
                 raise SystemExit(128 + stopping)
 
     if world > 1:
