@@ -94,6 +94,10 @@ BAD = [  # (command, the words the one sentence must hold)
     (["cnnrnn.predict", "{bad}/ckpt/alien.pt", "{bad}/images"], "do not fit a lstm model"),
     (["cnnrnn.predict", "{bad}/ckpt/full.pt", "{bad}/images/notes.png"], "is not a readable image"),
     (["cnnrnn.predict", "{bad}/ckpt/full.pt", "{bad}/empty"], "holds no image files"),
+    # data-parallel (issue 11)
+    (["cnnrnn.train", "trainer.amp=maybe"], "trainer.amp='maybe' must be of type bool"),
+    *([(["cnnrnn.train", "trainer.device=cuda", "trainer.amp=false", "hydra.run.dir={bad}/runs/cuda"],
+        "no CUDA device is available")] if not torch.cuda.is_available() else []),
 ]
 
 
