@@ -321,9 +321,7 @@ def run(cfg: Config, out_dir: str | Path, distributed: bool = True) -> dict:
             if stopping is not None:
                 log.warning("Stopped by %s after epoch %d; saved %s; continue with resume=%s",
                             signal.Signals(stopping).name, epoch + 1, ckpt_dir / "last.pt", out_dir)
-                if world > 1:
-                    dist.barrier()
-                raise SystemExit(128 + stopping)
+                raise SystemExit(128 + stopping)  # every rank passed the agreement after rank 0 wrote last.pt
 
     if world > 1:
         # The test and the tile oracle (a run of its own, maybe minutes of training) are rank 0's work alone:
