@@ -109,11 +109,13 @@ def test_a_stop_signal_to_one_rank_stops_both_at_one_step_and_the_run_resumes(tm
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert "Stopped by SIGTERM" in out, out[-3000:]  # rank 0 logs
-    # torchrun's table of failed ranks: both exited 128 + SIGTERM, neither was torn down by torchrun (-15)
-    assert len(re.findall(r"exitcode\s+:\s+143\b", out)) == 2, out[-3000:]
+    # Only rank 0 logs, and it was never signalled: it stopped because the ranks agreed. (Exit codes prove less:
+    # torchrun sends SIGTERM to rank 0 once rank 1 has exited, which can land while rank 0's interpreter exits.)
+    stopped = re.search(r"Stopped by SIGTERM at epoch 1, step (\d+)", out)
+    assert stopped, out[-3000:]
     saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert not saved.get("finished") and saved["global_step"] < 1500 // 32 and len(saved["rng_ranks"]) == 2
+    assert not saved.get("finished") and saved["global_step"] == int(stopped[1]) < 1500 // 32
+    assert len(saved["rng_ranks"]) == 2
     resumed = subprocess.run([*torchrun, f"resume={run_dir}"], cwd=ROOT, env=cli_env(), capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
