@@ -31,7 +31,7 @@ class Trainer:
     batch_size: int = 128
     device: str = "auto"          # auto | cpu | cuda
     threads: typing.Optional[int] = None   # torch intra-op threads; null = torch's default
-    amp: bool = False             # bf16 autocast (CPU or CUDA)
+    amp: typing.Optional[bool] = None      # bf16 autocast; null = auto (on a CUDA GPU with native bf16)
     compile: bool = False         # torch.compile the model
     ema: typing.Optional[float] = None     # decay of an exponential moving average of the weights, evaluated
     ckpt_every: int = 0           # also write last.pt every N steps (0: at epoch ends only)

@@ -55,6 +55,22 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def resolve_amp(setting: bool | None, device: torch.device) -> bool:
+    """Whether to autocast to bf16: an explicit setting wins; None (auto) means a CUDA GPU with native bf16.
+
+    Auto leaves the CPU in fp32 because oneDNN's bf16 pays only on some CPUs: the task presets ask for it
+    where it was measured to pay. A GPU that only emulates bf16 is refused for an explicit true, in one sentence,
+    instead of failing or crawling mid-run.
+    """
+    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    if setting is None:
+        return native
+    if setting and device.type == "cuda" and not native:
+        raise UserError(f"trainer.amp=true asks for bf16 autocast, which {torch.cuda.get_device_name(device)} does "
+                        f"not support natively; set trainer.amp=false (fp32) or null (auto).")
+    return bool(setting)
+
+
 def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
 

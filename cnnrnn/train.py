@@ -24,8 +24,8 @@ from cnnrnn import build, cli, report, viz
 from cnnrnn.config import Config, from_dict
 from cnnrnn.data import fashion_mnist, scene
 from cnnrnn.data.loader import batches, num_batches
-from cnnrnn.engine import (NonFiniteLoss, keep_freed_memory, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
-                           train_one_epoch)
+from cnnrnn.engine import (NonFiniteLoss, keep_freed_memory, load_checkpoint, resolve_amp, rng_state, save_checkpoint,
+                           set_rng_state, train_one_epoch)
 from cnnrnn.errors import UserError
 from cnnrnn.models import count_params
 
@@ -61,6 +61,15 @@ class StopSignals:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
+    def agreed(self, world: int, device: torch.device) -> int | None:
+        """The signal any rank has got, the same answer on every rank, so all stop at the same step instead of
+        one waiting forever in the next all_reduce. One process: just the flag, no collective."""
+        if world == 1:
+            return self.signum
+        flag = torch.tensor([self.signum or 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
 
 class NullWriter:
     """Stands in for SummaryWriter on ranks other than 0."""
@@ -79,9 +88,10 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size): torchrun's environment, gloo on CPU, nccl on CUDA; (0, 1) without torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def init_distributed(device: torch.device, enabled: bool = True) -> tuple[int, int]:
+    """(rank, world size): torchrun's environment, gloo on CPU, nccl on CUDA; (0, 1) without torchrun or
+    when not `enabled` (the tile oracle, trained by rank 0 alone after the group is gone)."""
+    world = int(os.environ.get("WORLD_SIZE", "1")) if enabled else 1
     if world == 1:
         return 0, 1
     if not dist.is_initialized():
@@ -95,6 +105,32 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of one rank's dropout masks and label-order draws: rank 0 keeps the run seed (a one-process run
+    is unchanged), the others get streams of their own derived from (seed, rank) and, on a resume that has no
+    saved state for them, the step."""
+    if rank == 0 and step == 0:
+        return seed
+    return int(np.random.SeedSequence([seed % 2**64, rank, step]).generate_state(1)[0])
+
+
+def gather_rng(world: int) -> list[dict]:
+    """Every rank's RNG states (rank order), so a resumed data-parallel run draws as the uninterrupted one."""
+    if world == 1:
+        return [rng_state()]
+    states = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def restore_rng(saved: dict, rank: int) -> None:
+    states = saved.get("rng_ranks") or [saved["rng"]]
+    if rank < len(states):
+        set_rng_state(states[rank])
+    else:  # resumed on more ranks than saved: a fresh stream, still distinct per rank and step
+        seed_everything(rank_seed(saved["config"]["seed"], rank, saved["global_step"]))
 
 
 def _flat_hparams(cfg: Config) -> dict:
@@ -117,8 +153,9 @@ def ema_update(decay: float):
     return update
 
 
-def run(cfg: Config, out_dir: str | Path) -> dict:
-    """Train, select on validation, test once; write checkpoints, TensorBoard events, metrics.json, curves.png."""
+def run(cfg: Config, out_dir: str | Path, distributed: bool = True) -> dict:
+    """Train, select on validation, test once; write checkpoints, TensorBoard events, metrics.json, curves.png.
+    distributed=False ignores torchrun's environment (one process)."""
     saved = None
     if cfg.resume:  # the run continues exactly as it was configured
         out_dir = Path(cfg.resume)
@@ -131,11 +168,11 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     t_start = time.time()
     device = pick_device(cfg.trainer.device)
-    rank, world = init_distributed(device)
+    rank, world = init_distributed(device, distributed)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     keep_freed_memory()
-    amp = cfg.trainer.amp or device.type == "cuda"
+    amp = resolve_amp(cfg.trainer.amp, device)  # an explicit trainer.amp=false wins on CUDA too
     seed_everything(cfg.seed)
 
     data = fashion_mnist.splits(cfg.data.root, cfg.data.val_size, cfg.data.limit, cfg.data.seed)
@@ -175,9 +212,13 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
             ema.n_averaged.fill_(saved["ema_n"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"])
+        restore_rng(saved, rank)
         st.update({k: saved[k] for k in st})
         log.info("Resuming %s at epoch %d, step %d", out_dir, st["epoch"] + 1, st["global_step"])
+    elif rank:
+        # After the shared initialisation (same weights everywhere): every other rank its own dropout masks and
+        # label-order draws, or N ranks would add the same noise N times.
+        seed_everything(rank_seed(cfg.seed, rank))
 
     train_model = model
     if world > 1:
@@ -193,13 +234,15 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
         # global_step), which this run logs again: no duplicates on resume.
         writer = SummaryWriter(str(out_dir), purge_step=st["global_step"] + 1 if cfg.resume else None)
 
-    def checkpoint(path: Path, **extra) -> None:
+    def checkpoint(path: Path, rngs: list[dict], **extra) -> None:
+        """Rank 0 writes; rngs = gather_rng(world), which every rank calls at the same step."""
         if rank == 0:
             weights = {"model": eval_model.state_dict()}
             if ema is not None:
                 weights.update(train_model=model.state_dict(), ema_n=int(ema.n_averaged))
             save_checkpoint(path, {**weights, "optimizer": optimizer.state_dict(),
-                                   "scheduler": scheduler.state_dict(), "rng": rng_state(), "config": cfg.to_dict(),
+                                   "scheduler": scheduler.state_dict(), "rng": rngs[0], "config": cfg.to_dict(),
+                                   **({"rng_ranks": rngs} if world > 1 else {}),
                                    "classes": list(fashion_mnist.CLASSES), "params": params, "scene": scene_spec,
                                    "task_state": task.state(), **{**st, "wall_s": st["wall_s"] + time.time() - t_start},
                                    **extra})
@@ -215,10 +258,10 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
                 from tqdm import tqdm
                 bar = tqdm(train_batches, total=steps_per_epoch, initial=st["step_in_epoch"], mininterval=1.0,
                            desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}", leave=False, dynamic_ncols=True)
-            t_loop, seen = time.perf_counter(), 0
+            t_loop, seen, stopping = time.perf_counter(), 0, None
 
             def on_step(step: int, loss: float, stats: dict, n: int) -> bool:
-                nonlocal seen
+                nonlocal seen, stopping
                 seen += n * world
                 if ema is not None:
                     ema.update_parameters(model)
@@ -228,8 +271,9 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
                                     samples_s=f"{seen / (time.perf_counter() - t_loop):.0f}", refresh=False)
                 if cfg.trainer.ckpt_every and step % cfg.trainer.ckpt_every == 0:
                     st.update(global_step=step, step_in_epoch=step - epoch * steps_per_epoch)
-                    checkpoint(ckpt_dir / "last.pt")
-                return stop.signum is not None
+                    checkpoint(ckpt_dir / "last.pt", gather_rng(world))
+                stopping = stop.agreed(world, device)
+                return stopping is not None
 
             try:
                 result = train_one_epoch(train_model, task, optimizer, scheduler, bar or train_batches, device=device,
@@ -249,12 +293,14 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
             st["global_step"] = result["step"]
             if result["stopped"]:
                 st["step_in_epoch"] += result["steps"]
-                checkpoint(ckpt_dir / "last.pt")
-                name = signal.Signals(stop.signum).name
+                checkpoint(ckpt_dir / "last.pt", gather_rng(world))
+                name = signal.Signals(stopping).name
                 log.warning("Stopped by %s at epoch %d, step %d; saved %s; continue with resume=%s", name, epoch + 1,
                             st["global_step"], ckpt_dir / "last.pt", out_dir)
                 writer.close()
-                raise SystemExit(128 + stop.signum)
+                if world > 1:  # torchrun tears the others down as soon as one rank exits: leave once last.pt is whole
+                    dist.barrier()
+                raise SystemExit(128 + stopping)
 
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train/loss_running": result["loss"],
                       "perf/ms_per_step": 1000 * loop_s / max(result["steps"], 1),
@@ -278,18 +324,22 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
                     and k.split("/")[1] in shown), record["perf/ms_per_step"])
             st["history"].append(record)
             st["epoch"], st["step_in_epoch"] = epoch + 1, 0
-            score = record.get(f"val/{task.select}", -math.inf)
+            score = record.get(f"val/{task.select}", -math.inf)  # rank 0 only: the others never write best.pt
+            rngs = gather_rng(world)  # also keeps the ranks in step while rank 0 evaluates
             if score > st["best"]:
                 st["best"], st["best_epoch"] = score, epoch + 1
-                checkpoint(ckpt_dir / "best.pt")
-            checkpoint(ckpt_dir / "last.pt")
-            if world > 1:
-                dist.barrier()
-            if stop.signum is not None:
+                checkpoint(ckpt_dir / "best.pt", rngs)
+            checkpoint(ckpt_dir / "last.pt", rngs)
+            stopping = stop.agreed(world, device)
+            if stopping is not None:
                 log.warning("Stopped by %s after epoch %d; saved %s; continue with resume=%s",
-                            signal.Signals(stop.signum).name, epoch + 1, ckpt_dir / "last.pt", out_dir)
-                raise SystemExit(128 + stop.signum)
+                            signal.Signals(stopping).name, epoch + 1, ckpt_dir / "last.pt", out_dir)
+                raise SystemExit(128 + stopping)  # every rank passed the agreement after rank 0 wrote last.pt
 
+    if world > 1:
+        # The test and the tile oracle (a run of its own, maybe minutes of training) are rank 0's work alone:
+        # leave the group first, so nothing after this point can wait on a rank that has gone.
+        dist.destroy_process_group()
     if rank != 0:
         return {}
     try:
@@ -395,7 +445,9 @@ def train_oracle(cfg: Config, out_dir: Path) -> Path:
             oracle_cfg.resume = str(sub)  # an interrupted oracle continues; a finished one is reused
         else:
             log.info("tile oracle: training the single-label cnn in %s (set oracle.ckpt to reuse one)", sub)
-        run(oracle_cfg, sub)
+        # One process even under torchrun: the group is gone (run() left it), and a one-process oracle is the very
+        # cnn a one-process run trains, so oracle/* numbers compare across both.
+        run(oracle_cfg, sub, distributed=False)
     return sub / "checkpoints" / "best.pt"
 
 

@@ -1,10 +1,8 @@
-"""Metric functions on hand-computed cases and against scikit-learn."""
+"""Metric functions on hand-computed cases."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn import metrics as skm
-
 from cnnrnn import metrics
 
 CLASSES = ("a", "b", "c")
@@ -30,18 +28,23 @@ def test_multi_label_by_hand():
     assert m["cardinality_acc"] == pytest.approx(1 / 4)  # sizes true 1,2,2,1 vs predicted 1,1,1,2
 
 
-def test_multi_label_matches_scikit_learn_on_random_data():
-    rng = np.random.default_rng(0)
-    y, p = rng.integers(0, 2, (200, 10)), rng.integers(0, 2, (200, 10))
-    scores = rng.random((200, 10))
-    m = metrics.multi_label(y, p, [str(i) for i in range(10)], scores)
-    for avg in ("micro", "macro", "samples"):
-        assert m[f"f1_{avg}"] == pytest.approx(skm.f1_score(y, p, average=avg, zero_division=0))
-        assert m[f"precision_{avg}"] == pytest.approx(skm.precision_score(y, p, average=avg, zero_division=0))
-        assert m[f"recall_{avg}"] == pytest.approx(skm.recall_score(y, p, average=avg, zero_division=0))
-    assert m["exact_match"] == pytest.approx(skm.accuracy_score(y, p))
-    assert m["hamming_loss"] == pytest.approx(skm.hamming_loss(y, p))
-    assert m["map"] == pytest.approx(skm.average_precision_score(y, scores, average="macro"))
+def test_empty_sets_absent_classes_and_map_by_hand():
+    """What the first case lacks: an image with no labels and none predicted, a class never present, and mAP."""
+    y = np.array([[1, 0, 0], [0, 0, 0], [1, 1, 0]])
+    p = np.array([[1, 1, 0], [0, 0, 0], [0, 1, 0]])
+    scores = np.array([[0.9, 0.6, 0.1], [0.5, 0.2, 0.5], [0.4, 0.55, 0.2]])
+    m = metrics.multi_label(y, p, CLASSES, scores)
+    # class a: tp 1, fn 1 -> P 1, R 1/2, F1 2/3; b: tp 1, fp 1 -> P 1/2, R 1, F1 2/3; c: nothing -> 0, 0, 0
+    assert m["precision_macro"] == pytest.approx(0.5) and m["recall_macro"] == pytest.approx(0.5)
+    assert m["f1_macro"] == pytest.approx(4 / 9) and m["f1/c"] == 0.0
+    assert m["precision_micro"] == pytest.approx(2 / 3) and m["f1_micro"] == pytest.approx(2 / 3)
+    # per image (P, R, F1): (1/2, 1, 2/3), the empty one (0, 0, 0), (1, 1/2, 2/3)
+    assert m["precision_samples"] == pytest.approx(0.5) and m["recall_samples"] == pytest.approx(0.5)
+    assert m["f1_samples"] == pytest.approx(4 / 9)
+    assert m["exact_match"] == pytest.approx(1 / 3) and m["hamming_loss"] == pytest.approx(2 / 9)
+    assert m["cardinality_acc"] == pytest.approx(1 / 3)
+    # AP: a ranks +, -, + -> (1 + 2/3) / 2 = 5/6; b ranks -, +, - -> 1/2; c has no positives and is left out
+    assert m["map"] == pytest.approx((5 / 6 + 1 / 2) / 2)
 
 
 def test_arguments_are_true_then_predicted():
@@ -59,8 +62,11 @@ def test_map_perfect_ranking_and_absent_classes():
 
 
 def test_best_threshold_is_the_micro_f1_optimum():
+    y = np.array([[1], [0], [1], [0]])
+    scores = np.array([[0.47], [0.44], [0.9], [0.1]])
+    # only thresholds in (0.44, 0.47] are perfect (F1 1); the grid's 0.40 gives F1 2*2/(2*2+1) = 0.8, 0.50 gives 2/3
+    assert metrics.best_threshold(y, scores) == pytest.approx(0.45)
+    # ties go to the lowest threshold: here 0.25, 0.30 and 0.35 are all perfect
     y = np.array([[1, 0], [0, 1], [1, 1]])
     scores = np.array([[0.35, 0.1], [0.2, 0.4], [0.45, 0.38]])
-    t = metrics.best_threshold(y, scores)
-    assert 0.2 < t <= 0.35
-    assert skm.f1_score(y, scores >= t, average="micro") == 1.0
+    assert metrics.best_threshold(y, scores) == pytest.approx(0.25)

@@ -4,8 +4,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+from cnnrnn import build, report
 from cnnrnn.cli import compose_config
+from cnnrnn.data import fashion_mnist
+from cnnrnn.engine import load_checkpoint, resolve_amp
+from cnnrnn.metrics import best_threshold
 from cnnrnn.train import run
 from conftest import tiny
 from test_train import tags
@@ -30,5 +35,13 @@ def test_multilabel_run(fake_root, tmp_path, task):
     if task == "multilabel":
         assert "test/attention" in found["images"]
     else:
-        assert "test/f1_micro_at_0.5" in saved and 0 < saved["threshold"] < 1
+        assert "test/f1_micro_at_0.5" in saved
+        # the threshold is the micro-F1 optimum of the saved model on validation (not merely some grid value)
+        state = load_checkpoint(out / "checkpoints" / "best.pt")
+        cfg, model, bce = build.from_checkpoint(state, "best.pt")
+        data = fashion_mnist.splits(cfg.data.root, cfg.data.val_size, cfg.data.limit, cfg.data.seed)
+        cpu = torch.device("cpu")
+        amp = resolve_amp(cfg.trainer.amp, cpu)
+        _, val_out, val_t = report.score(model, bce, build.sources(cfg, data).val, cpu, amp)
+        assert saved["threshold"] == best_threshold(val_t.numpy(), val_out["scores"].numpy())
     assert (out / "oracle" / "checkpoints" / "best.pt").is_file()

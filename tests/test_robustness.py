@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -117,6 +118,10 @@ BAD = [  # (command, the words the one sentence must hold)
     (["cnnrnn.train", "task=cnn", "model.channels=[8,8,8,8,8,8]"], "make a model that torch rejects"),
     (["cnnrnn.train", "task=multilabel", "oracle.ckpt={bad}/ckpt/missing.pt"], "does not exist"),
     (["cnnrnn.train", "task=multilabel_bce", "oracle.ckpt={bad}/ckpt/alien.pt"], "do not fit a lstm model"),
+    # data-parallel (issue 11)
+    (["cnnrnn.train", "trainer.amp=maybe"], "trainer.amp='maybe' must be of type bool"),
+    *([(["cnnrnn.train", "trainer.device=cuda", "trainer.amp=false", "hydra.run.dir={bad}/runs/cuda"],
+        "no CUDA device is available")] if not torch.cuda.is_available() else []),
 ]
 
 
@@ -145,8 +150,10 @@ def test_nothing_is_overwritten_by_a_refused_run(bad_inputs):
 
 # --- checkpoints ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("stage", ["write", "flush", "fsync", "replace"])
+@pytest.mark.parametrize("stage", ["write", "flush", "replace", "fsync_dir"])
 def test_an_interrupted_checkpoint_write_leaves_the_previous_file(tmp_path, monkeypatch, stage):
+    """A kill at each stage of save_checkpoint leaves a whole file: the previous one up to the rename, the new
+    one after it (the directory fsync only makes the rename durable), and no temporary file."""
     path = tmp_path / "last.pt"
     save_checkpoint(path, {"epoch": 1, "w": torch.ones(1000)})
 
@@ -156,6 +163,7 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_file(tmp_path, monk
     def die(*args, **kwargs):
         raise Killed
 
+    killed_at = []
     if stage == "write":  # die after half the bytes
         real_save = torch.save
 
@@ -164,18 +172,27 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_file(tmp_path, monk
             f.truncate(f.tell() // 2)
             raise Killed
         monkeypatch.setattr(torch, "save", half_save)
-    elif stage == "flush":
+    elif stage == "flush":  # the temporary file's fsync, before the rename
         monkeypatch.setattr(engine.os, "fsync", die)
-    elif stage == "fsync":
+    elif stage == "fsync_dir":  # the file's fsync goes through; the kill comes at the directory's
         real_fsync = os.fsync
-        calls = []
-        monkeypatch.setattr(engine.os, "fsync", lambda fd: calls.append(fd) or (die() if calls else real_fsync(fd)))
+
+        def fsync(fd):
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                killed_at.append(fd)
+                die()
+            real_fsync(fd)
+        monkeypatch.setattr(engine.os, "fsync", fsync)
     else:
         monkeypatch.setattr(engine.os, "replace", die)
     with pytest.raises(Killed):
         save_checkpoint(path, {"epoch": 2, "w": torch.zeros(1000)})
     monkeypatch.undo()
-    assert load_checkpoint(path)["epoch"] == 1
+    if stage == "fsync_dir":
+        assert killed_at, "save_checkpoint never fsynced the directory"
+        assert load_checkpoint(path)["epoch"] == 2  # renamed into place already, whole
+    else:
+        assert load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
 
 

@@ -59,4 +59,6 @@ def batches(source: Source, batch_size: int, *, epoch: int | None = None, start:
     key = epoch_seed(source.seed, epoch or 0)
     for step in range(start, num_batches(len(order), batch_size, drop_last)):
         rows = order[step * batch_size:(step + 1) * batch_size][rank::world]
-        yield source.batch(rows, key=(key * 10_007 + step) % 2**31)
+        # Each rank's share gets its own key: with one key per step, item i of every rank would draw the same
+        # flip, shift and corruption. One process (world 1) keeps the key it always had.
+        yield source.batch(rows, key=((key * 10_007 + step) * world + rank) % 2**31)
