@@ -179,6 +179,16 @@ def default_threads(hydra_cfg=None) -> int | None:
     return max(1, cores() // share) if share > 1 else None
 
 
+def device_flag(name: str, flag: str = "--device"):
+    """The torch.device for an entry point's --device (cpu, cuda, or auto: cuda where there is one); a sentence
+    for cuda without a GPU, found before any work."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{flag} cuda, but no CUDA device is available here; use {flag} cpu.")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
