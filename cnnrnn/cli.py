@@ -199,9 +199,10 @@ def writable_file(name: str, what: str, example: str, make_folder: bool = False)
     folder = path.parent
     while make_folder and not folder.exists() and folder != folder.parent:
         folder = folder.parent
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{what}: {folder} is a file, not a folder; choose another path.")
     if not folder.is_dir():
-        missing = "is not a folder" if folder.exists() else "does not exist"
-        raise UserError(f"{what}: {folder} {missing}; create the folder first or choose another path.")
+        raise UserError(f"{what}: the folder {folder} does not exist; create it first or choose another path.")
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UserError(f"{what} cannot be written here (permission denied); choose a path you can write to.")
     return path
