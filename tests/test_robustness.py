@@ -93,6 +93,18 @@ BAD = [  # (command, the words the one sentence must hold)
     (["cnnrnn.predict", "{bad}/ckpt/alien.pt", "{bad}/images"], "do not fit a lstm model"),
     (["cnnrnn.predict", "{bad}/ckpt/full.pt", "{bad}/images/notes.png"], "is not a readable image"),
     (["cnnrnn.predict", "{bad}/ckpt/full.pt", "{bad}/empty"], "holds no image files"),
+    # inference (issue 11)
+    (["cnnrnn.evaluate", "{bad}/ckpt/full.pt", "--oracle", "{bad}/ckpt/full.pt"], "--oracle scores multi-label"),
+    (["cnnrnn.evaluate", "{bad}/exported.onnx"], "evaluate reads checkpoints"),
+    (["cnnrnn.predict", "{bad}/ckpt/full.pt", "/dev/null"], "/dev/null is not a regular file"),
+    (["cnnrnn.export", "{bad}/ckpt/full.pt", "{bad}/images/notes.png/m.onnx"], "is a file, not a folder"),
+    (["cnnrnn.compare", "{bad}/run", "--out", "{bad}/images/notes.png/out"], "is a file, not a folder"),
+    (["cnnrnn.bench", "--steps", "0"], "--steps 0 must be at least 1"),
+    (["cnnrnn.bench", "--batch-sizes", "32,-4"], "each must be between 1 and"),
+    (["cnnrnn.bench", "--json", "{bad}/missing/bench.json"], "does not exist; create it first"),
+    *([] if torch.cuda.is_available() else [
+        (["cnnrnn.evaluate", "{bad}/ckpt/full.pt", "--device", "cuda"], "no CUDA device is available"),
+        (["cnnrnn.bench", "--device", "cuda"], "no CUDA device is available")]),
 ]
 
 
