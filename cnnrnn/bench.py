@@ -1,11 +1,12 @@
-"""Speed table: python -m cnnrnn.bench [--models lstm,cnn] [--batch-sizes 32,128] [--json PATH] [--onnx] [--device cpu|cuda].
+"""Speed table: python -m cnnrnn.bench [--models lstm,cnn] [--batch-sizes 32,128] [--json PATH] [--onnx] [--device D].
 
 Per model and batch size: training ms/step (forward + backward + optimizer step, steady state after
 warm-up, median of repeats), samples/s, counted FLOPs per sample, achieved GFLOP/s and MFU (against a large
 fp32 matmul timed in the same process), inference images/s; plus composite generation images/s and the
 data path's share of a training step. With --onnx, also the inference images/s of the same weights exported
-by cnnrnn.export and run by onnxruntime on CPU (onnx_infer_img_per_s). Models are built from their task's
-default config.
+by cnnrnn.export and run by onnxruntime on CPU (onnx_infer_img_per_s). With --device cuda the models run on the
+GPU (bf16 autocast unless --no-amp, as training there) and the peak is the GPU's matmul. Models are built from
+their task's default config.
 """
 from __future__ import annotations
 
@@ -221,15 +222,19 @@ def main(argv: list[str] | None = None) -> None:
              f"{'MFU':>6} {'infer img/s':>11} {'data':>6}" + (f" {'onnx img/s':>10}" if onnx else "")
     print(header)
     records = []
-    for name in models:
-        for b in sizes:
-            r = bench_model(name, b, args.steps, args.repeats, peak, args.amp, args.compile, onnx, device)
-            records.append({**r, **machine})
-            print(f"{name:<8} {b:>5} {r['ms_per_step']:>8.2f} {r['samples_per_s']:>10.0f} "
-                  f"{r['mflops_per_sample']:>10.2f} {r['gflops']:>8.1f} {r['mfu']:>6.1%} "
-                  f"{r['infer_images_per_s']:>11.0f} {r['data_share']:>6.1%}"
-                  + (f" {r['onnx_infer_img_per_s']:>10.0f}" if onnx else ""), flush=True)
-    rate = bench_composites()
+    try:
+        for name in models:
+            for b in sizes:
+                r = bench_model(name, b, args.steps, args.repeats, peak, args.amp, args.compile, onnx, device)
+                records.append({**r, **machine})
+                print(f"{name:<8} {b:>5} {r['ms_per_step']:>8.2f} {r['samples_per_s']:>10.0f} "
+                      f"{r['mflops_per_sample']:>10.2f} {r['gflops']:>8.1f} {r['mfu']:>6.1%} "
+                      f"{r['infer_images_per_s']:>11.0f} {r['data_share']:>6.1%}"
+                      + (f" {r['onnx_infer_img_per_s']:>10.0f}" if onnx else ""), flush=True)
+        rate = bench_composites()
+    except KeyboardInterrupt:
+        fail("Interrupted; the rows above are what was timed" + (f", and {args.json} was not written."
+                                                                 if args.json else "."), 130)
     print(f"composite generation: {rate:,.0f} images/s")
     records.append({"model": "composites", "images_per_s": round(rate), **machine})
     if args.json:

@@ -150,7 +150,7 @@ def val_curve(run: Path, tag: str) -> list[tuple[int, float, float]]:
 def read_run(path: Path) -> Run:
     try:
         metrics = json.loads((path / "metrics.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
         raise UserError(f"{path / 'metrics.json'} is not valid JSON ({exc}); recompute it with "
                         f"python -m cnnrnn.evaluate {path}, or leave the run out.") from None
     run = Run(path, metrics, read_config(path))
@@ -352,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
         written = compare(args.runs, args.out, args.x)
     except UserError as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        fail("Interrupted; table.md and the figures may be incomplete.", 130)
     log.info("wrote %s", ", ".join(str(p) for p in written.values()))
 
 

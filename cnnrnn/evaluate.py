@@ -41,6 +41,10 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
     if str(path).lower().endswith(".onnx"):
         raise UserError(f"{path} is an exported ONNX model, but evaluate reads checkpoints; give the run's "
                         f"checkpoints/best.pt (predict reads .onnx files).")
+    if data_root is not None and not Path(data_root).is_dir():
+        # the loader would fall back to other places silently: a folder named on purpose must be that folder
+        raise UserError(f"--data-root {data_root} is not a folder; give the folder that holds the four "
+                        f"Fashion-MNIST files.")
     state = load_checkpoint(path)
     cfg, model, task = build.from_checkpoint(state, path)
     if oracle and cfg.kind == "single":
@@ -91,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         results = evaluate_checkpoint(args.ckpt, args.data_root, args.device, args.oracle)
     except UserError as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        fail("Interrupted before the metrics were complete; nothing was printed.", 130)
     print(table(results), file=sys.stderr)
     print(strict_json(results))
 

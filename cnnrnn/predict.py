@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
         problems = run(args)
     except BrokenPipeError:
         quiet_broken_pipe()
+    except KeyboardInterrupt:
+        fail("Interrupted; the lines above are the images predicted so far.", 130)
     if problems:
         raise SystemExit(2)
 
