@@ -125,13 +125,22 @@ def from_checkpoint(state: dict, path, device: torch.device | str = "cpu"):
     except (UserError, KeyError, TypeError) as exc:
         raise UserError(f"{path} carries no usable config ({exc}); use a checkpoint written by cnnrnn.") from None
     net = model(cfg)
+    weights = state.get("model") if isinstance(state.get("model"), dict) else {}
+    broken = next((k for k, v in weights.items() if torch.is_tensor(v) and v.is_floating_point()
+                   and not torch.isfinite(v).all()), None)
+    if broken is not None:  # every score would be NaN: say so once instead of printing NaN for every input
+        raise UserError(f"{path} holds NaN or infinite weights ({broken}), so every prediction would be NaN; use "
+                        f"an earlier checkpoint of that run, e.g. its best.pt.")
     try:
         net.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as exc:
         reason = str(exc).splitlines()[1 if len(str(exc).splitlines()) > 1 else 0].strip()
         raise UserError(f"{path} holds weights that do not fit a {cfg.model['name']} model of task={cfg.task} "
                         f"({reason}); it comes from another model family or version.") from None
-    return cfg, net.to(device).eval(), task(cfg, state=state.get("task_state"))
+    # channels_last as in training: the convolutions then sum in the same order, so evaluate reproduces the
+    # run's numbers exactly (under bf16 the other layout moves test/map and test/loss)
+    net = net.to(device, memory_format=torch.channels_last).eval()
+    return cfg, net, task(cfg, state=state.get("task_state"))
 
 
 def init_encoder(net: nn.Module, path) -> list[str]:

@@ -259,6 +259,35 @@ def default_threads(hydra_cfg=None) -> int | None:
     return max(1, cores() // share) if share > 1 else None
 
 
+def device_flag(name: str, flag: str = "--device"):
+    """The torch.device for an entry point's --device (cpu, cuda, or auto: cuda where there is one); a sentence
+    for cuda without a GPU, found before any work."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{flag} cuda, but no CUDA device is available here; use {flag} cpu.")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
+def writable_file(name: str, what: str, example: str, make_folder: bool = False) -> Path:
+    """`name` as a file an entry point writes at the end (what: how the user gave it, e.g. "--json x"); a
+    sentence now, before any work, if it is a folder, or its folder is missing (unless make_folder: then the
+    first folder that exists above it) or not writable."""
+    path = Path(name)
+    if path.is_dir():
+        raise UserError(f"{what} is a folder; give a file path, e.g. {path / example}.")
+    folder = path.parent
+    while make_folder and not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{what}: {folder} is a file, not a folder; choose another path.")
+    if not folder.is_dir():
+        raise UserError(f"{what}: the folder {folder} does not exist; create it first or choose another path.")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"{what} cannot be written here (permission denied); choose a path you can write to.")
+    return path
+
+
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)

@@ -150,7 +150,7 @@ def val_curve(run: Path, tag: str) -> list[tuple[int, float, float]]:
 def read_run(path: Path) -> Run:
     try:
         metrics = json.loads((path / "metrics.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
         raise UserError(f"{path / 'metrics.json'} is not valid JSON ({exc}); recompute it with "
                         f"python -m cnnrnn.evaluate {path}, or leave the run out.") from None
     run = Run(path, metrics, read_config(path))
@@ -293,6 +293,14 @@ def out_dir(inputs: list[str], out: str | None) -> Path:
                         f"folder with --out.")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {folder} is a file; give a folder for table.md and curves.png.")
+    above = folder  # the folder is made at the end: check now that it can be, before the runs are read
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise UserError(f"--out {folder}: {above} is a file, not a folder; choose another folder with --out.")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UserError(f"--out {folder} cannot be written (permission denied); choose a folder you can write to "
+                        f"with --out.")
     return folder
 
 
@@ -303,10 +311,14 @@ def compare(inputs: list[str], out: str | None = None, x: str = "epoch") -> dict
     folder = out_dir(inputs, out)
     runs = [read_run(p) for p in find_runs(inputs)]
     name_runs(runs)
-    folder.mkdir(parents=True, exist_ok=True)
     written = {"table.md": folder / "table.md", "curves.png": folder / "curves.png"}
     text = table(runs)
-    written["table.md"].write_text(text)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        written["table.md"].write_text(text)
+    except OSError as exc:
+        raise UserError(f"--out {folder} cannot be written ({exc.strerror or type(exc).__name__}); choose a folder "
+                        f"you can write to with --out.") from None
     series = {}
     for r in runs:
         label = "val acc" if r.kind == "single" else "val f1_samples"
@@ -340,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
         written = compare(args.runs, args.out, args.x)
     except UserError as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        fail("Interrupted; table.md and the figures may be incomplete.", 130)
     log.info("wrote %s", ", ".join(str(p) for p in written.values()))
 
 

@@ -1,20 +1,22 @@
 """Recompute a checkpoint's test metrics: python -m cnnrnn.evaluate CKPT.
 
-Everything comes from the checkpoint (config, class names, tuned threshold); the table goes to stderr and
-one JSON object, with the keys of the run's metrics.json, to stdout.
+Everything comes from the checkpoint (config, class names, tuned threshold, training class counts); the table
+goes to stderr and one JSON object, with the keys of the run's metrics.json, to stdout. On the device the run
+used (by default) every number equals the run's.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
 import torch
 
 from cnnrnn import build, report
-from cnnrnn.cli import fail
+from cnnrnn.cli import device_flag, fail
 from cnnrnn.data import fashion_mnist
 from cnnrnn.engine import load_checkpoint
 from cnnrnn.errors import UserError
@@ -22,14 +24,41 @@ from cnnrnn.errors import UserError
 log = logging.getLogger("cnnrnn")
 
 
-def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: str = "cpu",
+def run_device(name: str | None, cfg) -> torch.device:
+    """--device, else the run's own trainer.device (the numbers are exact only on the kind of device it used)."""
+    if name is not None:
+        return device_flag(name)
+    if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
+        log.warning("warning: the run used cuda, which is not available here; evaluating on cpu, so the last "
+                    "digits can differ from its metrics.json")
+        return torch.device("cpu")
+    return device_flag(cfg.trainer.device)
+
+
+def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: str | None = None,
                         oracle: str | None = None) -> dict:
     """The run's metrics.json as this checkpoint gives it: test/* (and oracle/*) recomputed, the rest carried."""
+    if str(path).lower().endswith(".onnx"):
+        raise UserError(f"{path} is an exported ONNX model, but evaluate reads checkpoints; give the run's "
+                        f"checkpoints/best.pt (predict reads .onnx files).")
+    if data_root is not None and not Path(data_root).is_dir():
+        # the loader would fall back to other places silently: a folder named on purpose must be that folder
+        raise UserError(f"--data-root {data_root} is not a folder; give the folder that holds the four "
+                        f"Fashion-MNIST files.")
     state = load_checkpoint(path)
-    cfg, model, task = build.from_checkpoint(state, path, device)
+    cfg, model, task = build.from_checkpoint(state, path)
+    if oracle and cfg.kind == "single":
+        raise UserError(f"--oracle scores multi-label checkpoints against the tile oracle, but {path} holds a "
+                        f"single-label task={cfg.task} model; drop --oracle.")
+    dev = run_device(device, cfg)
+    if oracle:
+        build.oracle_model(oracle)  # a bad --oracle is found before the test set is scored
+    model = model.to(dev)
     data = fashion_mnist.splits(data_root or cfg.data.root, cfg.data.val_size, cfg.data.limit, cfg.data.seed)
+    if cfg.kind == "sequence" and not (state.get("task_state") or {}).get("class_counts"):
+        # an older checkpoint without the training class counts: count them as the run did, on its training split
+        task = build.task(cfg, data["train"].labels, state.get("task_state"))
     src = build.sources(cfg, data, state.get("scene"))
-    dev = torch.device(device)
     results, _, _ = report.score_test(model, task, src.test, dev, amp=cfg.trainer.amp or dev.type == "cuda")
     summary = dict(state.get("summary", {}))
     oracle_path = oracle or summary.get("oracle/ckpt")
@@ -44,21 +73,32 @@ def table(results: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def strict_json(results: dict) -> str:
+    """One JSON object; a NaN or infinite value (a diverged model's metric) becomes null, as JSON has no NaN."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in results.items()}
+    return json.dumps(clean, allow_nan=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cnnrnn.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("ckpt", help="a checkpoint (RUN_DIR/checkpoints/best.pt) or a run dir")
     parser.add_argument("--data-root", help="where Fashion-MNIST is, if not where the run found it")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                        help="where to evaluate (default: the device the run trained on, cpu where it is absent)")
     parser.add_argument("--oracle", help="multi-label only: a task=cnn checkpoint for the tile oracle "
                                          "(default: the one the run used)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
+        if args.device is not None:
+            device_flag(args.device)  # before the checkpoint is read
         results = evaluate_checkpoint(args.ckpt, args.data_root, args.device, args.oracle)
     except UserError as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        fail("Interrupted before the metrics were complete; nothing was printed.", 130)
     print(table(results), file=sys.stderr)
-    print(json.dumps(results))
+    print(strict_json(results))
 
 
 if __name__ == "__main__":

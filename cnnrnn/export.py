@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from cnnrnn import build
-from cnnrnn.cli import fail
+from cnnrnn.cli import fail, writable_file
 from cnnrnn.data.fashion_mnist import CLASSES, SIDE
 from cnnrnn.engine import load_checkpoint
 from cnnrnn.errors import UserError
@@ -183,8 +183,12 @@ def export(module: nn.Module, outputs: list[str], path: str | Path, image_side: 
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.doc_string = f"cnnrnn {meta.get('task', '')} model; see metadata_props for the input and outputs"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(proto, str(path))
+    except OSError as exc:  # checked up front; the disk can still fill
+        raise UserError(f"{path} could not be written ({exc.strerror or type(exc).__name__}); choose another "
+                        f"path, or free some space.") from None
     return path
 
 
@@ -195,6 +199,10 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, opset: int = DEFAULT_OP
     if opset not in OPSETS:
         raise UserError(f"--opset {opset} is outside what this exporter writes; choose {OPSETS[0]} to "
                         f"{OPSETS[-1]} (default {DEFAULT_OPSET}).")
+    if str(ckpt).lower().endswith(".onnx"):
+        raise UserError(f"{ckpt} is already an exported ONNX model; give the checkpoint it came from "
+                        f"(RUN_DIR/checkpoints/best.pt).")
+    writable_file(str(out), str(out), "model.onnx", make_folder=True)
     need_onnx()  # before any work
     state = load_checkpoint(ckpt)
     cfg, model, task = build.from_checkpoint(state, ckpt)

@@ -2,31 +2,45 @@
 
 One JSON line per image on stdout: {"image": path, "labels": [names], "scores": {name: probability}}.
 The model is a checkpoint, or an .onnx file written by cnnrnn.export (run by onnxruntime on CPU; the same
-lines). Images are 8-bit gray, light items on black (RGB is converted), 28 pixels square for a single-label
-model and grid x 28 for a multi-label one (--resize scales others). A bad image is reported on stderr and
-skipped; the exit status is then 1.
+lines). Images are gray, light items on black (RGB is converted), 28 pixels square for a single-label model
+and grid x 28 for a multi-label one (--resize scales others). Pixels are scaled by their real range: 8-bit as
+they are; 16-bit by 65535; 32-bit integers by 255 if they fit in it, else by 65535 if they fit in that; float
+images within [0, 1] by 1, within [0, 255] as 8-bit levels; other ranges are stretched from their minimum to
+their maximum, with a warning. A bad image is reported on stderr in one line and skipped, the others are still
+predicted, and the exit status is then 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from cnnrnn import build
-from cnnrnn.cli import fail
+from cnnrnn.cli import device_flag, fail
 from cnnrnn.data.fashion_mnist import CLASSES, SIDE
 from cnnrnn.engine import load_checkpoint
 from cnnrnn.errors import UserError
 
+
+
+def say(kind: str, message: str) -> None:
+    """One line on stderr ("error: ..." or "warning: ..."): with the JSON lines on stdout, predict's output, so
+    written directly rather than through logging, whose handlers a caller may have pointed elsewhere."""
+    print(f"{kind}: {message}", file=sys.stderr, flush=True)
+
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm"}
 BATCH = 256
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def image_paths(inputs: list[str]) -> tuple[list[Path], list[str]]:
@@ -35,66 +49,125 @@ def image_paths(inputs: list[str]) -> tuple[list[Path], list[str]]:
     for name in inputs:
         p = Path(name)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix.lower() in EXTENSIONS and f.is_file())
+            try:
+                found = sorted(f for f in p.iterdir() if f.suffix.lower() in EXTENSIONS and f.is_file())
+            except OSError as exc:
+                problems.append(f"{p} cannot be listed ({exc.strerror or type(exc).__name__}); give a folder you can "
+                                f"read.")
+                continue
             if not found:
                 problems.append(f"{p} holds no image files ({', '.join(sorted(EXTENSIONS))}); give a folder of images.")
             paths += found
         elif p.is_file():
             paths.append(p)
+        elif p.exists():  # a pipe or a device would block or never end: not an image file
+            problems.append(f"{p} is not a regular file; give an image file or a folder of images.")
         else:
             problems.append(f"{p} does not exist; give an image file or a folder of images.")
     return paths, problems
 
 
+def eight_bit(img: Image.Image, path: Path) -> Image.Image:
+    """The image as 8-bit gray ("L"), its pixels scaled by their real range (PIL's own convert clips 16-bit
+    pixels to white and float ones in [0, 1] to black)."""
+    if img.mode not in SIXTEEN_BIT + ("I", "F"):
+        return img.convert("L")
+    a = np.asarray(img, dtype=np.float64)
+    if not np.isfinite(a).all():
+        raise UserError(f"{path} holds NaN or infinite pixels; give an image of finite values.")
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if img.mode in SIXTEEN_BIT:
+        a = a * (255 / 65535)
+    elif img.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255
+    elif lo >= 0 and hi <= 255:
+        pass  # 8-bit levels in a wider type
+    elif img.mode == "I" and lo >= 0 and hi <= 65535:
+        a = a * (255 / 65535)
+    else:
+        say("warning", f"{path} has {'float' if img.mode == 'F' else 'integer'} pixels from {lo:g} to {hi:g}, "
+                       f"outside 0-1, 0-255 and 0-65535; stretched from its minimum (black) to its maximum (white).")
+        a = (a - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+
+
 def read_image(path: Path, side: int, resize: bool) -> torch.Tensor:
     """(side, side) uint8, gray, light on black."""
     try:
-        with Image.open(path) as img:
-            img = img.convert("L")
-            if img.size != (side, side):
-                if not resize:
-                    raise UserError(f"{path} is {img.size[0]}x{img.size[1]} pixels, but this model reads "
-                                f"{side}x{side}; pass --resize to scale it.")
-                img = img.resize((side, side), Image.BILINEAR)
-            return torch.from_numpy(np.array(img, dtype=np.uint8))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse those too, before decoding them
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                img = eight_bit(img, path)
+    except UserError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(f"{path} has more than {Image.MAX_IMAGE_PIXELS:,} pixels, too many to read safely "
+                        f"(Pillow's decompression-bomb guard); give a smaller image.") from None
+    except PermissionError:
+        raise UserError(f"{path} cannot be read (permission denied); give an image file you can read.") from None
+    except Exception as exc:  # Pillow's decoders raise many types (OSError, SyntaxError, ValueError, EOFError...)
         raise UserError(f"{path} is not a readable image ({type(exc).__name__}); give a PNG or JPEG file.") from None
+    if img.size != (side, side):
+        if not resize:
+            raise UserError(f"{path} is {img.size[0]}x{img.size[1]} pixels, but this model reads "
+                            f"{side}x{side}; pass --resize to scale it.")
+        img = img.resize((side, side), Image.BILINEAR)
+    return torch.from_numpy(np.array(img, dtype=np.uint8))
 
 
 def predict(model, task, images: torch.Tensor) -> tuple[list[list[int]], torch.Tensor]:
     """Label indices (in emission order for the decoder) and per-class scores for uint8 images (B, H, W)."""
-    out = task.predict(model, {"image": images})
-    return task.labels(out), out["scores"]
+    device = next(model.parameters()).device
+    out = task.predict(model, {"image": images.to(device)})
+    return task.labels(out), out["scores"].float().cpu()
 
 
-def load(path: str) -> tuple[Callable, int, list[str]]:
+def load(path: str, device: str = "cpu") -> tuple[Callable, int, list[str]]:
     """predict()'s function of uint8 images (B, H, W), the image side and the class names, for a checkpoint
     or an exported .onnx file."""
     if path.lower().endswith(".onnx"):
         from cnnrnn.exported import OnnxModel
 
+        if device == "cuda":
+            raise UserError(f"{path} runs in onnxruntime on the CPU only; drop --device cuda, or give its checkpoint.")
         onnx_model = OnnxModel(path)
         return onnx_model.predict, onnx_model.side, onnx_model.classes
     state = load_checkpoint(path)
-    cfg, model, task = build.from_checkpoint(state, path)
+    cfg, model, task = build.from_checkpoint(state, path, device_flag(device))
     side = SIDE if cfg.kind == "single" else SIDE * cfg.data.grid
     return partial(predict, model, task), side, list(CLASSES)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cnnrnn.predict", description=__doc__.splitlines()[0])
-    parser.add_argument("ckpt", help="a checkpoint written by cnnrnn.train (single- or multi-label), or an .onnx "
-                                     "file written by cnnrnn.export")
-    parser.add_argument("images", nargs="+", help="image files or folders of images")
-    parser.add_argument("--resize", action="store_true", help="scale images of another size to the model's")
-    args = parser.parse_args(argv)
+def record(path: Path, labels: list[int], scores: torch.Tensor, classes: list[str]) -> str:
+    """The image's JSON line; a sentence instead when a score is NaN or infinite (JSON has no such number)."""
+    values = [float(s) for s in scores]
+    if not all(math.isfinite(v) for v in values):
+        raise UserError(f"{path}: the model gave NaN or infinite scores for this image, so it has no prediction; "
+                        f"check the image and the checkpoint.")
+    line = {"image": str(path), "labels": [classes[i] for i in labels],
+            "scores": {c: round(v, 6) for c, v in zip(classes, values)}}
+    return json.dumps(line, allow_nan=False)
+
+
+def quiet_broken_pipe() -> None:
+    """The reader of stdout has gone (predict ... | head): stop without a traceback. Python's documented recipe:
+    point stdout at devnull, so that the flush at exit does not raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    raise SystemExit(1)
+
+
+def run(args) -> int:
+    """Predict every image; the number of problems reported."""
     try:
-        infer, side, classes = load(args.ckpt)
+        infer, side, classes = load(args.ckpt, args.device)
     except UserError as exc:
         fail(str(exc))
     paths, problems = image_paths(args.images)
     for problem in problems:
-        print(f"error: {problem}", file=sys.stderr)
+        say("error", problem)
     for start in range(0, len(paths), BATCH):
         chunk, images = [], []
         for path in paths[start:start + BATCH]:
@@ -103,16 +176,41 @@ def main(argv: list[str] | None = None) -> None:
                 chunk.append(path)
             except UserError as exc:
                 problems.append(str(exc))
-                print(f"error: {exc}", file=sys.stderr)
+                say("error", str(exc))
         if not images:
             continue
         labels, scores = infer(torch.stack(images))
         for path, idx, row in zip(chunk, labels, scores):
-            record = {"image": str(path), "labels": [classes[i] for i in idx],
-                      "scores": {c: round(float(s), 6) for c, s in zip(classes, row)}}
-            print(json.dumps(record), flush=True)
+            try:
+                line = record(path, idx, row, classes)
+            except UserError as exc:
+                problems.append(str(exc))
+                say("error", str(exc))
+                continue
+            print(line, flush=True)
+    return len(problems)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cnnrnn.predict", description=__doc__.splitlines()[0])
+    parser.add_argument("ckpt", help="a checkpoint written by cnnrnn.train (single- or multi-label), or an .onnx "
+                                     "file written by cnnrnn.export")
+    parser.add_argument("images", nargs="+", help="image files or folders of images")
+    parser.add_argument("--resize", action="store_true", help="scale images of another size to the model's")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where a checkpoint runs")
+    args = parser.parse_args(argv)
+    try:
+        device_flag(args.device)
+    except UserError as exc:
+        fail(str(exc))
+    try:
+        problems = run(args)
+    except BrokenPipeError:
+        quiet_broken_pipe()
+    except KeyboardInterrupt:
+        fail("Interrupted; the lines above are the images predicted so far.", 130)
     if problems:
-        raise SystemExit(1)
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":

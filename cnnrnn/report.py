@@ -25,7 +25,13 @@ def scalar_names(kind: str) -> tuple[str, ...]:
 
 def score(model: nn.Module, task, source, device: torch.device, amp: bool = False, with_loss: bool = True):
     """(metrics, predictions, targets) of a whole split."""
-    return evaluate(model, task, batches(source, EVAL_BATCH), device=device, amp=amp, with_loss=with_loss)
+    # A fixed seed for what scoring draws (the targets of model.label_order=random), so that evaluate reproduces
+    # the run's loss; forked, so the training stream (and exact resume) is untouched.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.default_generator.manual_seed(0)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(0)
+        return evaluate(model, task, batches(source, EVAL_BATCH), device=device, amp=amp, with_loss=with_loss)
 
 
 def score_test(model: nn.Module, task, source, device: torch.device, amp: bool = False):

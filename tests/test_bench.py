@@ -32,6 +32,29 @@ def test_bench_refuses_unknown_models(capsys):
     assert exit_info.value.code == 2 and "unknown model 'resnet'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, sentence", [
+    (["--steps", "0"], "--steps 0 must be at least 1."),
+    (["--repeats", "-2"], "--repeats -2 must be at least 1."),
+    (["--threads", "0"], "--threads 0 must be at least 1."),
+    (["--batch-sizes", "32,0"], "--batch-sizes 32,0: each must be between 1 and 65,536, e.g. 32,128."),
+    (["--batch-sizes", "32,,64"], "--batch-sizes 32,,64 must be comma-separated integers, e.g. 32,128."),
+    (["--json", "{tmp}/missing/bench.json"], "--json {tmp}/missing/bench.json: the folder {tmp}/missing does not "
+                                             "exist; create it first or choose another path."),
+    (["--json", "{tmp}"], "--json {tmp} is a folder; give a file path, e.g. {tmp}/bench.json."),
+    (["--onnx", "--device", "cuda"], "--onnx times onnxruntime on the CPU, beside the CPU model; run it with "
+                                     "--device cpu."),
+])
+def test_bench_refuses_bad_arguments_before_timing_anything(tmp_path, capsys, monkeypatch, args, sentence):
+    def timing(*a, **k):
+        raise AssertionError("the benchmark started before the arguments were checked")
+
+    monkeypatch.setattr(bench, "matmul_peak", timing)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([a.format(tmp=tmp_path) for a in args])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: " + sentence.format(tmp=tmp_path)
+
+
 REALLOCATE = """
 import resource, sys, torch
 from cnnrnn.engine import keep_freed_memory

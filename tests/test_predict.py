@@ -69,7 +69,7 @@ def test_bad_images_are_reported_and_the_rest_predicted(fake_root, tmp_path, cap
     not_image.write_text("not an image")
     (tmp_path / "empty").mkdir()
     code, records, err = run_predict(capsys, ckpt, not_image, wrong_size, good, tmp_path / "empty")
-    assert code == 1 and [r["image"] for r in records] == [str(good)]
+    assert code == 2 and [r["image"] for r in records] == [str(good)]
     assert "notes.png is not a readable image" in err and "big.png is 30x30 pixels" in err and "--resize" in err
     assert "empty holds no image files" in err and "Traceback" not in err
     code, records, err = run_predict(capsys, ckpt, wrong_size, "--resize")

@@ -122,6 +122,18 @@ BAD = [  # (command, the words the one sentence must hold)
     (["cnnrnn.train", "trainer.amp=maybe"], "trainer.amp='maybe' must be of type bool"),
     *([(["cnnrnn.train", "trainer.device=cuda", "trainer.amp=false", "hydra.run.dir={bad}/runs/cuda"],
         "no CUDA device is available")] if not torch.cuda.is_available() else []),
+    # inference (issue 11)
+    (["cnnrnn.evaluate", "{bad}/ckpt/full.pt", "--oracle", "{bad}/ckpt/full.pt"], "--oracle scores multi-label"),
+    (["cnnrnn.evaluate", "{bad}/exported.onnx"], "evaluate reads checkpoints"),
+    (["cnnrnn.predict", "{bad}/ckpt/full.pt", "/dev/null"], "/dev/null is not a regular file"),
+    (["cnnrnn.export", "{bad}/ckpt/full.pt", "{bad}/images/notes.png/m.onnx"], "is a file, not a folder"),
+    (["cnnrnn.compare", "{bad}/run", "--out", "{bad}/images/notes.png/out"], "is a file, not a folder"),
+    (["cnnrnn.bench", "--steps", "0"], "--steps 0 must be at least 1"),
+    (["cnnrnn.bench", "--batch-sizes", "32,-4"], "each must be between 1 and"),
+    (["cnnrnn.bench", "--json", "{bad}/missing/bench.json"], "does not exist; create it first"),
+    *([] if torch.cuda.is_available() else [
+        (["cnnrnn.evaluate", "{bad}/ckpt/full.pt", "--device", "cuda"], "no CUDA device is available"),
+        (["cnnrnn.bench", "--device", "cuda"], "no CUDA device is available")]),
 ]
 
 
