@@ -29,7 +29,7 @@ from cnnrnn.cli import compose_config, device_flag, fail, writable_file
 from cnnrnn.data.composite import CompositeSource
 from cnnrnn.data.fashion_mnist import Split
 from cnnrnn.data.loader import ItemSource
-from cnnrnn.engine import autocast, keep_freed_memory, to_device
+from cnnrnn.engine import autocast, keep_freed_memory, resolve_amp, to_device
 from cnnrnn.errors import UserError
 
 MAX_BATCH = 65536  # beyond, a step's activations outgrow any machine's memory
@@ -102,9 +102,9 @@ def onnx_missing() -> str | None:
 
 def bench_model(name: str, batch_size: int, steps: int, repeats: int, peak: float, amp: bool | None,
                 compile_model: bool, onnx: bool = False, device=torch.device("cpu")) -> dict:
-    """One model's record; amp None means the setting training uses (the task's, and always on CUDA)."""
+    """One model's record; amp None means the setting training uses (engine.resolve_amp of the task's)."""
     cfg = compose_config([f"task={MODELS[name]}", f"trainer.batch_size={batch_size}"])
-    amp = (cfg.trainer.amp or device.type == "cuda") if amp is None else amp
+    amp = resolve_amp(cfg.trainer.amp, device) if amp is None else amp
     task = build.task(cfg)
     model = build.model(cfg).to(device, memory_format=torch.channels_last)  # as in training
     optimizer, scheduler = build.optimizer(cfg, model, steps_per_epoch=1000)

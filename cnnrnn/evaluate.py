@@ -18,7 +18,7 @@ import torch
 from cnnrnn import build, report
 from cnnrnn.cli import device_flag, fail
 from cnnrnn.data import fashion_mnist
-from cnnrnn.engine import load_checkpoint
+from cnnrnn.engine import load_checkpoint, resolve_amp
 from cnnrnn.errors import UserError
 
 log = logging.getLogger("cnnrnn")
@@ -59,7 +59,7 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
         # an older checkpoint without the training class counts: count them as the run did, on its training split
         task = build.task(cfg, data["train"].labels, state.get("task_state"))
     src = build.sources(cfg, data, state.get("scene"))
-    results, _, _ = report.score_test(model, task, src.test, dev, amp=cfg.trainer.amp or dev.type == "cuda")
+    results, _, _ = report.score_test(model, task, src.test, dev, amp=resolve_amp(cfg.trainer.amp, dev))
     summary = dict(state.get("summary", {}))
     oracle_path = oracle or summary.get("oracle/ckpt")
     if cfg.kind != "single" and oracle_path and (oracle or Path(oracle_path).is_file()):
