@@ -1,11 +1,14 @@
-"""Recompute a checkpoint's test metrics: python -m cnnrnn.evaluate CKPT.
+"""Recompute a checkpoint's test metrics: python -m cnnrnn.evaluate CKPT [--grid N] [--max-items K].
 
 Everything comes from the checkpoint (config, class names, tuned threshold); the table goes to stderr and
-one JSON object, with the keys of the run's metrics.json, to stdout.
+one JSON object, with the keys of the run's metrics.json, to stdout. With --grid, the test composites are
+N x N grids of the same test items instead (a model trained on one grid tested on another, no resizing);
+--max-items K makes them hold 1..K items and the decoder name at most K.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -22,19 +25,46 @@ from cnnrnn.errors import UserError
 log = logging.getLogger("cnnrnn")
 
 
+def on_grid(cfg, task, grid: int | None, max_items: int | None):
+    """The config whose test composites are grid x grid with 1..max_items items; the decoder told max_items."""
+    if grid is None and max_items is None:
+        return cfg
+    if cfg.kind == "single":
+        raise UserError(f"--grid and --max-items are for composites, but this checkpoint holds a single-label "
+                        f"task={cfg.task} model that reads one 28x28 item; drop them.")
+    d = cfg.data
+    grid = grid or d.test_grid
+    if max_items is None:  # the run's own test distribution on its grid, every cell count on another
+        max_items = d.max_items if grid == d.test_grid else grid ** 2
+    if not 1 <= max_items <= grid ** 2:
+        raise UserError(f"--max-items {max_items} must be between 1 and the {grid ** 2} cells of a {grid}x{grid} "
+                        f"grid.")
+    if hasattr(task, "max_items"):
+        task.max_items = max_items
+    data = dataclasses.replace(d, grid=grid, eval_grid=grid, max_items=max_items,
+                               min_items=min(d.min_items, max_items))
+    return dataclasses.replace(cfg, data=data)
+
+
 def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: str = "cpu",
-                        oracle: str | None = None) -> dict:
-    """The run's metrics.json as this checkpoint gives it: test/* (and oracle/*) recomputed, the rest carried."""
+                        oracle: str | None = None, grid: int | None = None, max_items: int | None = None) -> dict:
+    """The run's metrics.json as this checkpoint gives it: test/* (and oracle/*) recomputed, the rest carried;
+    with `grid` / `max_items`, on test composites of that grid / with at most that many items instead."""
     state = load_checkpoint(path)
     cfg, model, task = build.from_checkpoint(state, path, device)
+    cfg = on_grid(cfg, task, grid, max_items)
     data = fashion_mnist.splits(data_root or cfg.data.root, cfg.data.val_size, cfg.data.limit, cfg.data.seed)
     src = build.sources(cfg, data, state.get("scene"))
     dev = torch.device(device)
     results, _, _ = report.score_test(model, task, src.test, dev, amp=cfg.trainer.amp or dev.type == "cuda")
     summary = dict(state.get("summary", {}))
+    if grid is not None or max_items is not None:  # the run's oracle scored other composites
+        summary = {k: v for k, v in summary.items() if not k.startswith("oracle/") or k == "oracle/ckpt"}
     oracle_path = oracle or summary.get("oracle/ckpt")
     if cfg.kind != "single" and oracle_path and (oracle or Path(oracle_path).is_file()):
-        summary.update(report.score_oracle(oracle_path, cfg.data.grid, src.test, dev))
+        summary.update(report.score_oracle(oracle_path, cfg.data.test_grid, src.test, dev))
+    if grid is not None or max_items is not None:  # what these numbers are of
+        summary.update({"test/grid": cfg.data.test_grid, "test/max_items": cfg.data.max_items})
     return {**results, **summary}
 
 
@@ -51,10 +81,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--oracle", help="multi-label only: a task=cnn checkpoint for the tile oracle "
                                          "(default: the one the run used)")
+    parser.add_argument("--grid", type=int, help="test composites of N x N cells (default: the run's grid)")
+    parser.add_argument("--max-items", type=int, help="test composites of 1..K items, the decoder naming at most K "
+                                                      "(default: the run's data.max_items on its grid, else all "
+                                                      "cells)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        results = evaluate_checkpoint(args.ckpt, args.data_root, args.device, args.oracle)
+        if args.grid is not None and args.grid < 1:
+            raise UserError(f"--grid {args.grid} must be at least 1 (cells per side).")
+        results = evaluate_checkpoint(args.ckpt, args.data_root, args.device, args.oracle, args.grid,
+                                      args.max_items)
     except UserError as exc:
         fail(str(exc))
     print(table(results), file=sys.stderr)

@@ -3,7 +3,9 @@
 One JSON line per image on stdout: {"image": path, "labels": [names], "scores": {name: probability}}.
 The model is a checkpoint, or an .onnx file written by cnnrnn.export (run by onnxruntime on CPU; the same
 lines). Images are 8-bit gray, light items on black (RGB is converted), 28 pixels square for a single-label
-model and grid x 28 for a multi-label one (--resize scales others). A bad image is reported on stderr and
+model; a multi-label checkpoint reads any picture whose sides are multiples of 28 (one item per 28x28 cell,
+square or not; the decoder names at most one label per cell, or --max-items), an .onnx file its exported
+size. --resize scales other sizes to the size the model was trained on. A bad image is reported on stderr and
 skipped; the exit status is then 1.
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -46,15 +49,19 @@ def image_paths(inputs: list[str]) -> tuple[list[Path], list[str]]:
     return paths, problems
 
 
-def read_image(path: Path, side: int, resize: bool) -> torch.Tensor:
-    """(side, side) uint8, gray, light on black."""
+def read_image(path: Path, side: int, resize: bool, any_grid: bool = False) -> torch.Tensor:
+    """(H, W) uint8, gray, light on black: side x side, or with `any_grid` any multiple of 28 a side."""
     try:
         with Image.open(path) as img:
             img = img.convert("L")
-            if img.size != (side, side):
+            w, h = img.size
+            fits = (w, h) == (side, side) or any_grid and w % SIDE == 0 and h % SIDE == 0 and w and h
+            if not fits:
                 if not resize:
-                    raise UserError(f"{path} is {img.size[0]}x{img.size[1]} pixels, but this model reads "
-                                f"{side}x{side}; pass --resize to scale it.")
+                    reads = (f"pictures whose sides are multiples of {SIDE} pixels (one item per {SIDE}x{SIDE} cell)"
+                             if any_grid else f"{side}x{side}")
+                    raise UserError(f"{path} is {w}x{h} pixels, but this model reads {reads}; pass --resize to "
+                                    f"scale it to {side}x{side}.")
                 img = img.resize((side, side), Image.BILINEAR)
             return torch.from_numpy(np.array(img, dtype=np.uint8))
     except (UnidentifiedImageError, OSError, ValueError) as exc:
@@ -67,18 +74,34 @@ def predict(model, task, images: torch.Tensor) -> tuple[list[list[int]], torch.T
     return task.labels(out), out["scores"]
 
 
-def load(path: str) -> tuple[Callable, int, list[str]]:
-    """predict()'s function of uint8 images (B, H, W), the image side and the class names, for a checkpoint
-    or an exported .onnx file."""
+@dataclass
+class Loaded:
+    infer: Callable          # predict()'s function of uint8 images (B, H, W)
+    side: int                # the trained picture side (what --resize scales to)
+    classes: list[str]
+    any_grid: bool = False   # reads any multiple of 28 a side (a checkpoint's composite model)
+
+
+def load(path: str, max_items: int | None = None) -> Loaded:
+    """The model of a checkpoint or an exported .onnx file; `max_items` caps the decoder's labels."""
     if path.lower().endswith(".onnx"):
         from cnnrnn.exported import OnnxModel
 
+        if max_items is not None:
+            raise UserError(f"--max-items needs a checkpoint; {path} decodes its exported number of steps.")
         onnx_model = OnnxModel(path)
-        return onnx_model.predict, onnx_model.side, onnx_model.classes
+        return Loaded(onnx_model.predict, onnx_model.side, onnx_model.classes, False)
     state = load_checkpoint(path)
     cfg, model, task = build.from_checkpoint(state, path)
-    side = SIDE if cfg.kind == "single" else SIDE * cfg.data.grid
-    return partial(predict, model, task), side, list(CLASSES)
+    if max_items is not None:
+        if cfg.kind != "sequence":
+            raise UserError(f"--max-items caps the label decoder, but {path} holds a task={cfg.task} model; drop it.")
+        if max_items < 1:
+            raise UserError(f"--max-items {max_items} must be at least 1.")
+        task.max_items = max_items
+    side = SIDE if cfg.kind == "single" else SIDE * cfg.data.test_grid
+    # both composite models are fully convolutional up to a pooling over (or attention across) the cells
+    return Loaded(partial(predict, model, task), side, list(CLASSES), cfg.kind != "single")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,10 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("ckpt", help="a checkpoint written by cnnrnn.train (single- or multi-label), or an .onnx "
                                      "file written by cnnrnn.export")
     parser.add_argument("images", nargs="+", help="image files or folders of images")
-    parser.add_argument("--resize", action="store_true", help="scale images of another size to the model's")
+    parser.add_argument("--resize", action="store_true", help="scale images of a size the model does not read to "
+                                                              "the size it was trained on")
+    parser.add_argument("--max-items", type=int, help="decoder only: name at most K items per picture (default: "
+                                                      "one per 28x28 cell)")
     args = parser.parse_args(argv)
     try:
-        infer, side, classes = load(args.ckpt)
+        m = load(args.ckpt, args.max_items)
     except UserError as exc:
         fail(str(exc))
     paths, problems = image_paths(args.images)
@@ -99,18 +125,20 @@ def main(argv: list[str] | None = None) -> None:
         chunk, images = [], []
         for path in paths[start:start + BATCH]:
             try:
-                images.append(read_image(path, side, args.resize))
+                images.append(read_image(path, m.side, args.resize, m.any_grid))
                 chunk.append(path)
             except UserError as exc:
                 problems.append(str(exc))
                 print(f"error: {exc}", file=sys.stderr)
-        if not images:
-            continue
-        labels, scores = infer(torch.stack(images))
-        for path, idx, row in zip(chunk, labels, scores):
-            record = {"image": str(path), "labels": [classes[i] for i in idx],
-                      "scores": {c: round(float(s), 6) for c, s in zip(classes, row)}}
-            print(json.dumps(record), flush=True)
+        records = {}
+        for shape in dict.fromkeys(img.shape for img in images):  # one forward pass per picture size
+            at = [i for i, img in enumerate(images) if img.shape == shape]
+            labels, scores = m.infer(torch.stack([images[i] for i in at]))
+            for i, idx, row in zip(at, labels, scores):
+                records[i] = {"image": str(chunk[i]), "labels": [m.classes[j] for j in idx],
+                              "scores": {c: round(float(s), 6) for c, s in zip(m.classes, row)}}
+        for i in sorted(records):  # in the order the images were given
+            print(json.dumps(records[i]), flush=True)
     if problems:
         raise SystemExit(1)
 

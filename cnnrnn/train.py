@@ -333,7 +333,7 @@ def hardware(device: torch.device) -> str:
 def tile_oracle(cfg: Config, out_dir: Path, test_src, device) -> dict:
     """The single-label cnn applied to each occupied test cell: oracle/* metrics on the same composites."""
     path = Path(cfg.oracle.ckpt) if cfg.oracle.ckpt else train_oracle(cfg, out_dir)
-    m = report.score_oracle(path, cfg.data.grid, test_src, device)
+    m = report.score_oracle(path, cfg.data.test_grid, test_src, device)
     log.info("tile oracle (%s): f1_samples=%.4f exact_match=%.4f", path, m["oracle/f1_samples"],
              m["oracle/exact_match"])
     return m
