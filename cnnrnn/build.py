@@ -9,7 +9,7 @@ from torch import nn
 
 from cnnrnn.config import CONFIG_DIR, Config
 from cnnrnn.data.augment import Augment
-from cnnrnn.data.composite import CompositeSource
+from cnnrnn.data.composite import CompositeSource, MixedGridSource
 from cnnrnn.data.fashion_mnist import CLASSES, Split
 from cnnrnn.data.loader import ItemSource
 from cnnrnn.data.scene import Scene, read_scene
@@ -60,7 +60,7 @@ def sources(cfg: Config, data: dict[str, Split], scene_spec: dict | None = None)
     train = [composites(data["train"], n_train, g, seed=cfg.seed, augment=augment) for g in d.grids]
     # Fixed composites are seeded by data.seed only: identical across runs, seeds and models.
     return Sources(
-        train[0],
+        train[0] if len(train) == 1 else MixedGridSource(train, cfg.trainer.batch_size, cfg.seed),
         composites(data["train"], n_eval, test_grid, seed=d.seed + 3, fixed=True),
         composites(data["val"], d.val_size, test_grid, seed=d.seed + 1, fixed=True),
         composites(data["test"], d.test_size, test_grid, seed=d.seed + 2, fixed=True),

@@ -62,7 +62,7 @@ class Data:
     rotate: float = 0.0           # degrees, albumentations
     scale: float = 0.0            # fraction, albumentations
     contrast: float = 0.0         # brightness/contrast limit, albumentations
-    grid: typing.Any = 2          # composites: grid x grid cells of 28x28
+    grid: typing.Any = 2          # composites: grid x grid cells of 28x28; a list mixes sizes across training steps
     eval_grid: typing.Optional[int] = None  # validation/test grid; null = data.grid (the largest of a list)
     min_items: int = 1
     max_items: int = 4
@@ -192,8 +192,8 @@ def validate(cfg: Config) -> Config:
     _require(0 <= d.scale < 1, f"data.scale={d.scale} must be a fraction in [0, 1), e.g. 0.1.")
     _require(0 <= d.contrast < 1, f"data.contrast={d.contrast} must be a fraction in [0, 1), e.g. 0.2.")
     grids = d.grid if isinstance(d.grid, (list, tuple)) else [d.grid]
-    _require(len(grids) == 1 and all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grids),
-             f"data.grid={d.grid!r} must be a grid size of at least 1.")
+    _require(len(grids) >= 1 and all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grids),
+             f"data.grid={d.grid!r} must be a grid size of at least 1, or a list of them (e.g. [2,3]).")
     _require(d.eval_grid is None or d.eval_grid >= 1, f"data.eval_grid={d.eval_grid} must be at least 1 or null.")
     _require(1 <= d.min_items, f"data.min_items={d.min_items} must be at least 1.")
     _require(d.min_items <= d.max_items, f"data.min_items={d.min_items} is larger than data.max_items="

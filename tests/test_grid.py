@@ -1,4 +1,5 @@
-"""Any grid at inference: a model trained on 2x2 composites evaluates and predicts on larger or other pictures."""
+"""Any grid at inference (a model trained on 2x2 composites evaluates and predicts on larger or other
+pictures) and mixed grids in training (batches of one size each that replay exactly)."""
 from __future__ import annotations
 
 import json
@@ -11,8 +12,9 @@ from PIL import Image
 from cnnrnn import build, predict
 from cnnrnn.cli import compose_config
 from cnnrnn.config import from_dict
-from cnnrnn.data.composite import CompositeSource
+from cnnrnn.data.composite import CompositeSource, MixedGridSource
 from cnnrnn.data.fashion_mnist import CLASSES, splits
+from cnnrnn.data.loader import batches
 from cnnrnn.engine import load_checkpoint, save_checkpoint
 from cnnrnn.errors import UserError
 from cnnrnn.evaluate import evaluate_checkpoint
@@ -106,3 +108,17 @@ def test_checkpoints_from_before_grid_and_counting_keys_load_and_predict(fake_ro
     labels, _ = predict.predict(model, task, grid_images(fake_root, 2))
     assert all(len(set(row)) == len(row) <= 4 for row in labels)
 
+
+def test_mixed_grid_batches_are_each_one_size_and_replay_exactly(fake_root):
+    split = splits(fake_root, val_size=100)["train"]
+    subs = [CompositeSource(split, size=300, grid=g, max_items=g * g, seed=2) for g in (2, 3)]
+    src = MixedGridSource(subs, batch_size=20, seed=2)
+    epoch = [b["image"] for b in batches(src, 20, epoch=1, drop_last=True)]
+    sizes = [img.shape[1:] for img in epoch]
+    assert set(sizes) == {(56, 56), (84, 84)} and all(len(img) == 20 for img in epoch)
+    again = [b["image"] for b in batches(src, 20, epoch=1, start=7, drop_last=True)]   # a resumed epoch
+    assert all(torch.equal(a, b) for a, b in zip(epoch[7:], again)) and len(again) == len(epoch) - 7
+    ranks = [[b["image"] for b in batches(src, 20, epoch=1, drop_last=True, rank=r, world=2)] for r in (0, 1)]
+    assert all(a.shape == b.shape for a, b in zip(*ranks))              # every rank's share is the same size
+    other = [b["image"].shape for b in batches(src, 20, epoch=2, drop_last=True)]
+    assert other != sizes                                                # sizes are redrawn each epoch

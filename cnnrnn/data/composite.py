@@ -115,3 +115,38 @@ class CompositeSource:
             images = with_black(items)
         cells = torch.where(rows >= 0, self.split.labels[rows.clamp(min=0)], -1)
         return {"image": render(images, layout, self.grid), "cells": cells, "labels": multi_hot(cells)}
+
+
+class MixedGridSource:
+    """Training composites of several grid sizes: each batch of `batch_size` rows is one size, the sizes mixed
+    across steps. The epoch's order holds, per row, the grid's index and its layout (padded with -1), all
+    drawn from the epoch's seed, so any step can be replayed (exact resume), and every rank of a data-parallel
+    run slices the same global batch, of one size."""
+
+    def __init__(self, sources: list[CompositeSource], batch_size: int, seed: int = 0):
+        self.sources, self.batch_size, self.seed = sources, batch_size, seed
+        self.size, self.split = sources[0].size, sources[0].split
+        self.width = max(s.grid for s in sources) ** 2
+
+    def __len__(self) -> int:
+        return self.size
+
+    def order(self, epoch: int | None) -> torch.Tensor:
+        """(N, 1 + max cells): grid index per row (one per batch), then that grid's layout, -1 padded."""
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, 0 if epoch is None else epoch) + 1)
+        n_batches = -(-self.size // self.batch_size)
+        pick = torch.randint(len(self.sources), (n_batches,), generator=g).repeat_interleave(self.batch_size)
+        pick = pick[: self.size]                                                       # (N,)
+        rows = torch.full((self.size, 1 + self.width), -1, dtype=torch.long)
+        rows[:, 0] = pick
+        for i, src in enumerate(self.sources):
+            layout = src.order(epoch)                                                  # (N, G*G)
+            rows[pick == i, 1: 1 + layout.shape[1]] = layout[pick == i]
+        return rows
+
+    def statistics(self, n: int, seed: int = 12345) -> dict:
+        return self.sources[-1].statistics(n, seed)
+
+    def batch(self, rows: torch.Tensor, key: int = 0) -> dict[str, torch.Tensor]:
+        src = self.sources[int(rows[0, 0])]
+        return src.batch(rows[:, 1: 1 + src.grid ** 2], key)
