@@ -54,7 +54,7 @@ def sources(cfg: Config, data: dict[str, Split], scene_spec: dict | None = None)
     def composites(split: Split, size: int, grid: int, **kwargs) -> CompositeSource:
         # with mixed grids, a smaller grid holds at most one item per cell
         return CompositeSource(split, size, grid=grid, min_items=d.min_items, max_items=min(d.max_items, grid ** 2),
-                               degrade=d.degrade, scene=sc, **kwargs)
+                               degrade=d.degrade, scene=sc, repeats=d.repeats, **kwargs)
 
     n_train, test_grid = d.epoch_size or len(data["train"]), d.test_grid
     train = [composites(data["train"], n_train, g, seed=cfg.seed, augment=augment) for g in d.grids]
@@ -78,7 +78,7 @@ def task(cfg: Config, train_labels: torch.Tensor | None = None, state: dict | No
     if train_labels is not None:
         counts = torch.bincount(train_labels, minlength=len(CLASSES))
     return LabelSequence(CLASSES, cfg.model["label_order"], counts, max_labels=max(cfg.data.grids) ** 2,
-                         label_smoothing=cfg.optim.label_smoothing, tta=tta)
+                         label_smoothing=cfg.optim.label_smoothing, tta=tta, target=cfg.model.get("target", "set"))
 
 
 def model(cfg: Config) -> nn.Module:

@@ -21,6 +21,7 @@ TASKS = {  # task -> (kind, model names it trains)
     "multilabel_large": ("sequence", ("cnn_rnn",)),
 }
 LABEL_ORDERS = ("frequency", "rare_first", "spatial", "random", "orderless")
+TARGETS = ("set", "multiset")
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Data:
     contrast: float = 0.0         # brightness/contrast limit, albumentations
     grid: typing.Any = 2          # composites: grid x grid cells of 28x28; a list mixes sizes across training steps
     eval_grid: typing.Optional[int] = None  # validation/test grid; null = data.grid (the largest of a list)
+    repeats: float = 0.0          # probability that an item takes the class of an earlier item of its composite
     min_items: int = 1
     max_items: int = 4
     test_size: int = 10000        # composites drawn for validation and for test
@@ -203,6 +205,7 @@ def validate(cfg: Config) -> Config:
              f"{g}x{g} grid has cells; lower it or raise data.grid.")
     _require(d.min_items <= min(grids) ** 2, f"data.min_items={d.min_items} is more items than the "
              f"{min(grids)}x{min(grids)} grid has cells; lower it or drop that grid from data.grid.")
+    _require(0 <= d.repeats <= 1, f"data.repeats={d.repeats} must be a probability in [0, 1] (0 = off).")
     _require(d.test_size >= 1, f"data.test_size={d.test_size} must be at least 1.")
     _require(0 <= d.degrade <= 1, f"data.degrade={d.degrade} must be a strength in [0, 1] (0 = off).")
     _require(bool(d.scene), "data.scene must name a scene: uniform, or a file under configs/scene/.")
@@ -221,6 +224,10 @@ def validate(cfg: Config) -> Config:
                  f"model.beam_size={m.get('beam_size')!r} must be an integer of at least 1.")
         _require(m.get("label_order") in LABEL_ORDERS, f"model.label_order={m.get('label_order')!r} must be "
                  f"one of {', '.join(LABEL_ORDERS)}.")
+        _require(m.get("target", "set") in TARGETS, f"model.target={m.get('target')!r} must be set or multiset.")
+    elif m.get("target", "set") != "set":
+        _require(False, f"model.target={m['target']!r} needs the decoder (task=multilabel): the {name} model names "
+                 f"sets only; drop model.target.")
     return cfg
 
 

@@ -90,8 +90,9 @@ class GreedyDecoder(nn.Module):
             logits, state, _ = m.step(tokens, state, feats, keys)
             probs = logits.softmax(dim=1)
             scores = torch.where(done[:, None], scores, torch.maximum(scores, probs[:, :c]))
-            # no label twice; once `limit` labels are out, only END (CNNRNN._allowed)
-            allowed = end_only if t >= self.limit else torch.cat([~emitted, end_only[:, c:]], dim=1)
+            # no label twice (multiset: any label); once `limit` labels are out, only END (CNNRNN._allowed)
+            fresh = torch.ones_like(emitted) if m.multiset else ~emitted
+            allowed = end_only if t >= self.limit else torch.cat([fresh, end_only[:, c:]], dim=1)
             tokens = logits.masked_fill(~allowed, float("-inf")).argmax(dim=1)
             tokens = torch.where(done, torch.full_like(tokens, end), tokens)
             emitted = emitted | (tokens[:, None] == classes)       # (B, 1) == (C,) -> (B, C); END matches none
@@ -111,6 +112,10 @@ def graph(cfg, model: nn.Module) -> tuple[nn.Module, list[str]]:
         log.warning("model.beam_size=%d: the exported graph decodes greedily (beam search has data-dependent "
                     "control flow); its labels can differ from the checkpoint's beam search", model.beam_size)
     return GreedyDecoder(model, tta, cfg.data.test_grid ** 2).eval(), ["tokens", "scores"]
+
+
+def model_target(cfg) -> str:
+    return cfg.model.get("target", "set")
 
 
 def side(cfg) -> int:
@@ -148,7 +153,9 @@ def metadata(cfg, state: dict, outputs: list[str]) -> dict[str, str]:
     if cfg.kind == "bce":
         meta["threshold"] = json.dumps(float((state.get("task_state") or {}).get("threshold", 0.5)))
     if cfg.kind == "sequence":
-        meta["decoding"] = f"greedy, {cfg.data.test_grid ** 2 + 1} steps, no label twice"
+        meta["target"] = model_target(cfg)
+        meta["decoding"] = (f"greedy, {cfg.data.test_grid ** 2 + 1} steps, "
+                            + ("one label per item" if model_target(cfg) == "multiset" else "no label twice"))
     return meta
 
 

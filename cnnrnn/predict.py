@@ -1,6 +1,7 @@
 """Name the items in images: python -m cnnrnn.predict CKPT_OR_ONNX IMAGE_OR_DIR ...
 
-One JSON line per image on stdout: {"image": path, "labels": [names], "scores": {name: probability}}.
+One JSON line per image on stdout: {"image": path, "labels": [names], "scores": {name: probability}}; a
+multiset model (model.target=multiset) names a class once per item and adds "counts": {name: n}.
 The model is a checkpoint, or an .onnx file written by cnnrnn.export (run by onnxruntime on CPU; the same
 lines). Images are 8-bit gray, light items on black (RGB is converted), 28 pixels square for a single-label
 model; a multi-label checkpoint reads any picture whose sides are multiples of 28 (one item per 28x28 cell,
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -80,6 +82,7 @@ class Loaded:
     side: int                # the trained picture side (what --resize scales to)
     classes: list[str]
     any_grid: bool = False   # reads any multiple of 28 a side (a checkpoint's composite model)
+    multiset: bool = False   # names one label per item: print counts
 
 
 def load(path: str, max_items: int | None = None) -> Loaded:
@@ -90,7 +93,7 @@ def load(path: str, max_items: int | None = None) -> Loaded:
         if max_items is not None:
             raise UserError(f"--max-items needs a checkpoint; {path} decodes its exported number of steps.")
         onnx_model = OnnxModel(path)
-        return Loaded(onnx_model.predict, onnx_model.side, onnx_model.classes, False)
+        return Loaded(onnx_model.predict, onnx_model.side, onnx_model.classes, False, onnx_model.multiset)
     state = load_checkpoint(path)
     cfg, model, task = build.from_checkpoint(state, path)
     if max_items is not None:
@@ -101,7 +104,8 @@ def load(path: str, max_items: int | None = None) -> Loaded:
         task.max_items = max_items
     side = SIDE if cfg.kind == "single" else SIDE * cfg.data.test_grid
     # both composite models are fully convolutional up to a pooling over (or attention across) the cells
-    return Loaded(partial(predict, model, task), side, list(CLASSES), cfg.kind != "single")
+    return Loaded(partial(predict, model, task), side, list(CLASSES), cfg.kind != "single",
+                  getattr(task, "multiset", False))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
             for i, idx, row in zip(at, labels, scores):
                 records[i] = {"image": str(chunk[i]), "labels": [m.classes[j] for j in idx],
                               "scores": {c: round(float(s), 6) for c, s in zip(m.classes, row)}}
+                if m.multiset:
+                    records[i]["counts"] = dict(Counter(records[i]["labels"]))
         for i in sorted(records):  # in the order the images were given
             print(json.dumps(records[i]), flush=True)
     if problems:

@@ -101,16 +101,18 @@ class LabelSequence:
     the cells), 'random' (reshuffled every batch) and 'orderless' (at each step the target is the remaining
     true label the model ranks highest: predicted-label alignment, Yazici et al. 2020).
 
-    Decoding stops after as many labels as the picture has cells (any grid), or `max_items` when set.
+    target='multiset': one label per item (a class as often as it occurs, repeats next to each other except in
+    the spatial order), scored with the multiset metrics beside the set ones. Decoding stops after as many
+    labels as the picture has cells (any grid), or `max_items` when set.
     """
 
     kind, select = "sequence", "f1_samples"
 
     def __init__(self, classes=CLASSES, order: str = "frequency", class_counts=None, max_labels: int = 4,
-                 label_smoothing: float = 0.0, tta: bool = False, max_items: int | None = None):
+                 label_smoothing: float = 0.0, tta: bool = False, target: str = "set", max_items: int | None = None):
         self.classes, self.order, self.max_labels = tuple(classes), order, max_labels
         self.label_smoothing, self.tta = label_smoothing, tta
-        self.max_items = max_items
+        self.multiset, self.max_items = target == "multiset", max_items
         counts = torch.as_tensor(class_counts if class_counts is not None else [1] * len(classes)).double()
         self.class_counts = counts.long().tolist()
         # Position of each class in the frequency order; ties go to the lower class index.
@@ -119,7 +121,7 @@ class LabelSequence:
                                                           torch.arange(len(classes), dtype=torch.float))
 
     def target(self, batch) -> torch.Tensor:
-        return batch["labels"]
+        return batch["counts"] if self.multiset else batch["labels"]
 
     def _keys(self, b: int, c: int, device) -> torch.Tensor:
         """(B, C) sort key of each class in the fixed orders but spatial (lower first)."""
@@ -131,8 +133,25 @@ class LabelSequence:
             return torch.rand(b, c, device=device)
         raise ValueError(f"order {self.order!r} has no fixed sequence")
 
+    def item_sequences(self, cells: torch.Tensor) -> torch.Tensor:
+        """Multiset target tokens (B, G*G+1): one label per item in this task's order, END, -100 padding."""
+        b, n_cells = cells.shape
+        occupied = cells >= 0
+        if self.order == "spatial":  # reading order of the cells
+            key = torch.arange(n_cells, device=cells.device, dtype=torch.float).expand(b, -1)
+        else:
+            key = self._keys(b, len(self.classes), cells.device).gather(1, cells.clamp(min=0))  # (B, G*G)
+        # items first, in key order; stable, so equal classes stay together in reading order
+        order = key.masked_fill(~occupied, float("inf")).argsort(dim=1, stable=True)
+        seq = F.pad(cells.gather(1, order), (0, 1))                                        # (B, G*G+1)
+        n = occupied.sum(1, keepdim=True)
+        t = torch.arange(n_cells + 1, device=cells.device).expand(b, -1)
+        return torch.where(t < n, seq, -100).masked_fill(t == n, len(self.classes))
+
     def sequences(self, labels: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """Target tokens (B, G*G+1): the label set in this task's order, END, then -100 padding."""
+        if self.multiset:
+            return self.item_sequences(cells)
         b, c = labels.shape
         steps = cells.shape[1]  # one label per cell at most: the batch's grid, whatever the model was built for
         present = labels.bool()
@@ -154,7 +173,8 @@ class LabelSequence:
         x = to_input(batch["image"])
         end = len(self.classes)
         if self.order == "orderless":
-            remaining = batch["labels"].long()  # labels still to name, 0/1 per class
+            # labels still to name: a count per class (multiset) or 0/1 (set)
+            remaining = (batch["counts"] if self.multiset else batch["labels"]).long()
             ended = torch.zeros(len(x), dtype=torch.bool, device=x.device)
             chosen = []
 
@@ -184,6 +204,8 @@ class LabelSequence:
         # class sits) are passed on beside the predictions for the grounding metric, never to the model.
         out = model.generate(to_input(batch["image"]), flip=self.tta, max_labels=self.limit(batch["image"]))
         pred = {"pred": out["labels"], "scores": out["scores"], "tokens": out["tokens"], "alpha": out["alpha"]}
+        if self.multiset:
+            pred["counts"] = out["counts"]
         if "cells" in batch:
             pred["cells"] = batch["cells"]
         return pred
@@ -198,9 +220,12 @@ class LabelSequence:
         return [[int(t) for t in row if t < end] for row in out["tokens"]]  # in emission order
 
     def metrics(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, float]:
-        result = metrics.multi_label(target.numpy(), out["pred"].numpy(), self.classes, out["scores"].numpy())
+        present = target > 0  # the set of a multiset target
+        result = metrics.multi_label(present.numpy(), out["pred"].numpy(), self.classes, out["scores"].numpy())
         if "cells" in out:
-            result.update(metrics.grounding(out["tokens"], out["alpha"], out["cells"], target))
+            result.update(metrics.grounding(out["tokens"], out["alpha"], out["cells"], present))
+        if self.multiset:
+            result.update(metrics.multiset(target.numpy(), out["counts"].numpy(), self.classes))
         return result
 
     def state(self) -> dict:

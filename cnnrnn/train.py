@@ -131,6 +131,9 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
     task = build.task(cfg, data["train"].labels)
     scene_spec = saved.get("scene") if saved is not None else build.scene_spec(cfg)
     src = build.sources(cfg, data, scene_spec)
+    if cfg.kind == "bce" and cfg.data.repeats and rank == 0:
+        log.warning("data.repeats=%s: the BCE baseline names sets, so it reports set metrics only (no multiset "
+                    "metrics); the decoder with model.target=multiset counts", cfg.data.repeats)
     if cfg.kind != "single" and rank == 0:
         log.info("scene %s, label statistics of 100,000 training composites:\n%s", cfg.data.scene,
                  scene.format_statistics(src.train.statistics(100_000)))

@@ -2,6 +2,7 @@
 
 Tokens: 0..C-1 are the classes, C is END, C+1 is START. The decoder's output vocabulary is the C classes
 plus END. Training feeds given (teacher) tokens; `generate` feeds only the model's own outputs.
+target='set' names each class once; 'multiset' names one label per item, so a class may repeat.
 """
 from __future__ import annotations
 
@@ -28,8 +29,11 @@ class CNNRNN(nn.Module):
                  cell_dim: int = 128, embed: int = 64, hidden: int = 256, attention: bool = True,
                  attn_dim: int = 128, dropout: float = 0.3, beam_size: int = 1, max_labels: int = 4,
                  pool_first: bool = False, feedback: bool = True, context_dropout: float = 0.0,
-                 embed_dropout: float = 0.0):
+                 embed_dropout: float = 0.0, target: str = "set"):
         super().__init__()
+        if target not in ("set", "multiset"):
+            raise ValueError(f"target must be 'set' or 'multiset', got {target!r}")
+        self.multiset = target == "multiset"
         self.num_classes, self.end, self.start = num_classes, num_classes, num_classes + 1
         self.attention, self.beam_size, self.max_labels = attention, beam_size, max_labels
         # feedback=False is the ablation: every step is fed the same (START) embedding instead of the label it
@@ -93,9 +97,10 @@ class CNNRNN(nn.Module):
         return torch.stack(logits, dim=1)
 
     def _allowed(self, counts: torch.Tensor, t: int, limit: int) -> torch.Tensor:
-        """Mask (…, C+1) of tokens that may come next, from the labels emitted so far (counts (…, C)): no
-        label twice, only END once `limit` labels are out."""
-        fresh = counts == 0
+        """Mask (…, C+1) of tokens that may come next, from the labels emitted so far (counts (…, C)): only END
+        once `limit` labels are out; before that no label twice (set), or any label (multiset: one per item, so
+        a repeat is allowed exactly while fewer labels than cells are out)."""
+        fresh = torch.ones_like(counts, dtype=torch.bool) if self.multiset else counts == 0
         allowed = torch.cat([fresh, torch.ones_like(fresh[..., :1])], dim=-1)
         if t >= limit:
             allowed[..., : self.num_classes] = False
