@@ -10,7 +10,7 @@ from torch import nn
 
 from cnnrnn.config import CONFIG_DIR, Config
 from cnnrnn.data.augment import Augment
-from cnnrnn.data.composite import CompositeSource
+from cnnrnn.data.composite import CompositeSource, MixedGridSource
 from cnnrnn.data.fashion_mnist import CLASSES, Split
 from cnnrnn.data.loader import ItemSource
 from cnnrnn.data.scene import Scene, read_scene
@@ -50,14 +50,21 @@ def sources(cfg: Config, data: dict[str, Split], scene_spec: dict | None = None)
         return Sources(ItemSource(data["train"], cfg.seed, augment, fixed=False, **deg),
                        ItemSource(data["train"].subset(torch.arange(n_eval)), d.seed + 3, **deg),
                        ItemSource(data["val"], d.seed + 1, **deg), ItemSource(data["test"], d.seed + 2, **deg))
-    grid = dict(grid=d.grid, min_items=d.min_items, max_items=d.max_items, degrade=d.degrade,
-                scene=scene(cfg, scene_spec))
+    sc = scene(cfg, scene_spec)
+
+    def composites(split: Split, size: int, grid: int, **kwargs) -> CompositeSource:
+        # with mixed grids, a smaller grid holds at most one item per cell
+        return CompositeSource(split, size, grid=grid, min_items=d.min_items, max_items=min(d.max_items, grid ** 2),
+                               degrade=d.degrade, scene=sc, repeats=d.repeats, **kwargs)
+
+    n_train, test_grid = d.epoch_size or len(data["train"]), d.test_grid
+    train = [composites(data["train"], n_train, g, seed=cfg.seed, augment=augment) for g in d.grids]
     # Fixed composites are seeded by data.seed only: identical across runs, seeds and models.
     return Sources(
-        CompositeSource(data["train"], d.epoch_size or len(data["train"]), seed=cfg.seed, augment=augment, **grid),
-        CompositeSource(data["train"], n_eval, seed=d.seed + 3, fixed=True, **grid),
-        CompositeSource(data["val"], d.val_size, seed=d.seed + 1, fixed=True, **grid),
-        CompositeSource(data["test"], d.test_size, seed=d.seed + 2, fixed=True, **grid),
+        train[0] if len(train) == 1 else MixedGridSource(train, cfg.trainer.batch_size, cfg.seed),
+        composites(data["train"], n_eval, test_grid, seed=d.seed + 3, fixed=True),
+        composites(data["val"], d.val_size, test_grid, seed=d.seed + 1, fixed=True),
+        composites(data["test"], d.test_size, test_grid, seed=d.seed + 2, fixed=True),
     )
 
 
@@ -71,14 +78,16 @@ def task(cfg: Config, train_labels: torch.Tensor | None = None, state: dict | No
     counts = state.get("class_counts")
     if train_labels is not None:
         counts = torch.bincount(train_labels, minlength=len(CLASSES))
-    return LabelSequence(CLASSES, cfg.model["label_order"], counts, max_labels=cfg.data.grid ** 2,
-                         label_smoothing=cfg.optim.label_smoothing, tta=tta)
+    return LabelSequence(CLASSES, cfg.model["label_order"], counts, max_labels=max(cfg.data.grids) ** 2,
+                         label_smoothing=cfg.optim.label_smoothing, tta=tta, target=cfg.model.get("target", "set"))
 
 
 def model(cfg: Config) -> nn.Module:
     kwargs = {k: v for k, v in cfg.model.items() if k != "name" and k not in NOT_MODULE_KEYS}
     if cfg.model["name"] == "cnn_rnn":
-        kwargs["max_labels"] = cfg.data.grid ** 2  # decoding stops at END or after one label per cell
+        # decoding stops at END or after one label per cell of the largest training grid (tasks.LabelSequence
+        # passes each picture's own number of cells instead)
+        kwargs["max_labels"] = max(cfg.data.grids) ** 2
     return build_model(cfg.model["name"], num_classes=len(CLASSES), **kwargs)
 
 

@@ -23,6 +23,7 @@ TASKS = {  # task -> (kind, model names it trains)
 }
 MAX_SEED = 2**31 - 1
 LABEL_ORDERS = ("frequency", "rare_first", "spatial", "random", "orderless")
+TARGETS = ("set", "multiset")
 
 
 @dataclass
@@ -64,13 +65,25 @@ class Data:
     rotate: float = 0.0           # degrees, albumentations
     scale: float = 0.0            # fraction, albumentations
     contrast: float = 0.0         # brightness/contrast limit, albumentations
-    grid: int = 2                 # composites: grid x grid cells of 28x28
+    grid: typing.Any = 2          # composites: grid x grid cells of 28x28; a list mixes sizes across training steps
+    eval_grid: typing.Optional[int] = None  # validation/test grid; null = data.grid (the largest of a list)
+    repeats: float = 0.0          # probability that an item takes the class of an earlier item of its composite
     min_items: int = 1
     max_items: int = 4
     test_size: int = 10000        # composites drawn for validation and for test
     epoch_size: typing.Optional[int] = None  # training composites per epoch; null = number of train items
     scene: str = "uniform"        # which items go together: uniform, or a scene file (configs/scene/NAME.yaml)
     degrade: float = 0.0          # corruption of every item (blur, noise, occlusion), train and test; 0 = off
+
+    @property
+    def grids(self) -> tuple[int, ...]:
+        """The training grid sizes (one, or several mixed across steps)."""
+        return tuple(self.grid) if isinstance(self.grid, (list, tuple)) else (self.grid,)
+
+    @property
+    def test_grid(self) -> int:
+        """The grid of the validation and test composites."""
+        return self.eval_grid or max(self.grids)
 
 
 @dataclass
@@ -116,6 +129,8 @@ def _coerce(value, annotation, where: str):
         if value is None:
             return None
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if annotation is typing.Any:
+        return list(value) if isinstance(value, tuple) else value
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is int and isinstance(value, float) and value.is_integer():
@@ -186,12 +201,19 @@ def validate(cfg: Config) -> Config:
     _require(0 <= d.rotate <= 90, f"data.rotate={d.rotate} must be between 0 and 90 degrees.")
     _require(0 <= d.scale < 1, f"data.scale={d.scale} must be a fraction in [0, 1), e.g. 0.1.")
     _require(0 <= d.contrast < 1, f"data.contrast={d.contrast} must be a fraction in [0, 1), e.g. 0.2.")
-    _require(d.grid >= 1, f"data.grid={d.grid} must be at least 1.")
+    grids = d.grid if isinstance(d.grid, (list, tuple)) else [d.grid]
+    _require(len(grids) >= 1 and all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grids),
+             f"data.grid={d.grid!r} must be a grid size of at least 1, or a list of them (e.g. [2,3]).")
+    _require(d.eval_grid is None or d.eval_grid >= 1, f"data.eval_grid={d.eval_grid} must be at least 1 or null.")
     _require(1 <= d.min_items, f"data.min_items={d.min_items} must be at least 1.")
     _require(d.min_items <= d.max_items, f"data.min_items={d.min_items} is larger than data.max_items="
              f"{d.max_items}; make min_items <= max_items.")
-    _require(d.max_items <= d.grid ** 2, f"data.max_items={d.max_items} is more items than the "
-             f"{d.grid}x{d.grid} grid has cells; lower it or raise data.grid.")
+    g = max(grids)  # with mixed grids, a smaller grid's composites hold at most its number of cells
+    _require(d.max_items <= g ** 2, f"data.max_items={d.max_items} is more items than the "
+             f"{g}x{g} grid has cells; lower it or raise data.grid.")
+    _require(d.min_items <= min(grids) ** 2, f"data.min_items={d.min_items} is more items than the "
+             f"{min(grids)}x{min(grids)} grid has cells; lower it or drop that grid from data.grid.")
+    _require(0 <= d.repeats <= 1, f"data.repeats={d.repeats} must be a probability in [0, 1] (0 = off).")
     _require(d.test_size >= 1, f"data.test_size={d.test_size} must be at least 1.")
     _require(0 <= d.degrade <= 1, f"data.degrade={d.degrade} must be a strength in [0, 1] (0 = off).")
     _require(bool(d.scene), "data.scene must name a scene: uniform, or a file under configs/scene/.")
@@ -210,6 +232,10 @@ def validate(cfg: Config) -> Config:
                  f"model.beam_size={m.get('beam_size')!r} must be an integer of at least 1.")
         _require(m.get("label_order") in LABEL_ORDERS, f"model.label_order={m.get('label_order')!r} must be "
                  f"one of {', '.join(LABEL_ORDERS)}.")
+        _require(m.get("target", "set") in TARGETS, f"model.target={m.get('target')!r} must be set or multiset.")
+    elif m.get("target", "set") != "set":
+        _require(False, f"model.target={m['target']!r} needs the decoder (task=multilabel): the {name} model names "
+                 f"sets only; drop model.target.")
     return cfg
 
 

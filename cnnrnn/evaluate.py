@@ -1,12 +1,15 @@
-"""Recompute a checkpoint's test metrics: python -m cnnrnn.evaluate CKPT.
+"""Recompute a checkpoint's test metrics: python -m cnnrnn.evaluate CKPT [--grid N] [--max-items K].
 
 Everything comes from the checkpoint (config, class names, tuned threshold, training class counts); the table
 goes to stderr and one JSON object, with the keys of the run's metrics.json, to stdout. On the device the run
-used (by default) every number equals the run's.
+used (by default) every number equals the run's. With --grid, the test composites are N x N grids of the same
+test items instead (a model trained on one grid tested on another, no resizing); --max-items K makes them hold
+1..K items and the decoder name at most K.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -35,9 +38,31 @@ def run_device(name: str | None, cfg) -> torch.device:
     return device_flag(cfg.trainer.device)
 
 
+def on_grid(cfg, task, grid: int | None, max_items: int | None):
+    """The config whose test composites are grid x grid with 1..max_items items; the decoder told max_items."""
+    if grid is None and max_items is None:
+        return cfg
+    if cfg.kind == "single":
+        raise UserError(f"--grid and --max-items are for composites, but this checkpoint holds a single-label "
+                        f"task={cfg.task} model that reads one 28x28 item; drop them.")
+    d = cfg.data
+    grid = grid or d.test_grid
+    if max_items is None:  # the run's own test distribution on its grid, every cell count on another
+        max_items = d.max_items if grid == d.test_grid else grid ** 2
+    if not 1 <= max_items <= grid ** 2:
+        raise UserError(f"--max-items {max_items} must be between 1 and the {grid ** 2} cells of a {grid}x{grid} "
+                        f"grid.")
+    if hasattr(task, "max_items"):
+        task.max_items = max_items
+    data = dataclasses.replace(d, grid=grid, eval_grid=grid, max_items=max_items,
+                               min_items=min(d.min_items, max_items))
+    return dataclasses.replace(cfg, data=data)
+
+
 def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: str | None = None,
-                        oracle: str | None = None) -> dict:
-    """The run's metrics.json as this checkpoint gives it: test/* (and oracle/*) recomputed, the rest carried."""
+                        oracle: str | None = None, grid: int | None = None, max_items: int | None = None) -> dict:
+    """The run's metrics.json as this checkpoint gives it: test/* (and oracle/*) recomputed, the rest carried;
+    with `grid` / `max_items`, on test composites of that grid / with at most that many items instead."""
     if str(path).lower().endswith(".onnx"):
         raise UserError(f"{path} is an exported ONNX model, but evaluate reads checkpoints; give the run's "
                         f"checkpoints/best.pt (predict reads .onnx files).")
@@ -47,6 +72,7 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
                         f"Fashion-MNIST files.")
     state = load_checkpoint(path)
     cfg, model, task = build.from_checkpoint(state, path)
+    cfg = on_grid(cfg, task, grid, max_items)
     if oracle and cfg.kind == "single":
         raise UserError(f"--oracle scores multi-label checkpoints against the tile oracle, but {path} holds a "
                         f"single-label task={cfg.task} model; drop --oracle.")
@@ -61,9 +87,13 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
     src = build.sources(cfg, data, state.get("scene"))
     results, _, _ = report.score_test(model, task, src.test, dev, amp=resolve_amp(cfg.trainer.amp, dev))
     summary = dict(state.get("summary", {}))
+    if grid is not None or max_items is not None:  # the run's oracle scored other composites
+        summary = {k: v for k, v in summary.items() if not k.startswith("oracle/") or k == "oracle/ckpt"}
     oracle_path = oracle or summary.get("oracle/ckpt")
     if cfg.kind != "single" and oracle_path and (oracle or Path(oracle_path).is_file()):
-        summary.update(report.score_oracle(oracle_path, cfg.data.grid, src.test, dev))
+        summary.update(report.score_oracle(oracle_path, cfg.data.test_grid, src.test, dev))
+    if grid is not None or max_items is not None:  # what these numbers are of
+        summary.update({"test/grid": cfg.data.test_grid, "test/max_items": cfg.data.max_items})
     return {**results, **summary}
 
 
@@ -87,12 +117,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="where to evaluate (default: the device the run trained on, cpu where it is absent)")
     parser.add_argument("--oracle", help="multi-label only: a task=cnn checkpoint for the tile oracle "
                                          "(default: the one the run used)")
+    parser.add_argument("--grid", type=int, help="test composites of N x N cells (default: the run's grid)")
+    parser.add_argument("--max-items", type=int, help="test composites of 1..K items, the decoder naming at most K "
+                                                      "(default: the run's data.max_items on its grid, else all "
+                                                      "cells)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         if args.device is not None:
             device_flag(args.device)  # before the checkpoint is read
-        results = evaluate_checkpoint(args.ckpt, args.data_root, args.device, args.oracle)
+        if args.grid is not None and args.grid < 1:
+            raise UserError(f"--grid {args.grid} must be at least 1 (cells per side).")
+        results = evaluate_checkpoint(args.ckpt, args.data_root, args.device, args.oracle, args.grid,
+                                      args.max_items)
     except UserError as exc:
         fail(str(exc))
     except KeyboardInterrupt:

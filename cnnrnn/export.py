@@ -65,13 +65,14 @@ class Sigmoid(nn.Module):
 
 
 class GreedyDecoder(nn.Module):
-    """cnn_rnn: CNNRNN._greedy unrolled over its fixed max_labels + 1 steps with tensor ops only, so the graph
-    has no loop: a finished image keeps emitting END with its scores frozen, which is what the early stop in
-    _greedy leaves too. Outputs tokens (B, T) (END-padded, emission order) and scores (B, C)."""
+    """cnn_rnn: CNNRNN._greedy unrolled over a fixed `limit` + 1 steps (one label per cell of the exported
+    size) with tensor ops only, so the graph has no loop: a finished image keeps emitting END with its scores
+    frozen, which is what the early stop in _greedy leaves too. Outputs tokens (B, T) (END-padded, emission
+    order) and scores (B, C)."""
 
-    def __init__(self, model: nn.Module, tta: bool):
+    def __init__(self, model: nn.Module, tta: bool, limit: int | None = None):
         super().__init__()
-        self.model, self.tta = model, tta
+        self.model, self.tta, self.limit = model, tta, limit or model.max_labels
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.model
@@ -85,12 +86,13 @@ class GreedyDecoder(nn.Module):
         classes = torch.arange(c)
         end_only = torch.cat([torch.zeros(b, c, dtype=torch.bool), torch.ones(b, 1, dtype=torch.bool)], dim=1)
         out = []
-        for t in range(m.max_labels + 1):
+        for t in range(self.limit + 1):
             logits, state, _ = m.step(tokens, state, feats, keys)
             probs = logits.softmax(dim=1)
             scores = torch.where(done[:, None], scores, torch.maximum(scores, probs[:, :c]))
-            # no label twice; once max_labels are out, only END (CNNRNN._allowed)
-            allowed = end_only if t >= m.max_labels else torch.cat([~emitted, end_only[:, c:]], dim=1)
+            # no label twice (multiset: any label); once `limit` labels are out, only END (CNNRNN._allowed)
+            fresh = torch.ones_like(emitted) if m.multiset else ~emitted
+            allowed = end_only if t >= self.limit else torch.cat([fresh, end_only[:, c:]], dim=1)
             tokens = logits.masked_fill(~allowed, float("-inf")).argmax(dim=1)
             tokens = torch.where(done, torch.full_like(tokens, end), tokens)
             emitted = emitted | (tokens[:, None] == classes)       # (B, 1) == (C,) -> (B, C); END matches none
@@ -109,12 +111,16 @@ def graph(cfg, model: nn.Module) -> tuple[nn.Module, list[str]]:
     if model.beam_size > 1:
         log.warning("model.beam_size=%d: the exported graph decodes greedily (beam search has data-dependent "
                     "control flow); its labels can differ from the checkpoint's beam search", model.beam_size)
-    return GreedyDecoder(model, tta).eval(), ["tokens", "scores"]
+    return GreedyDecoder(model, tta, cfg.data.test_grid ** 2).eval(), ["tokens", "scores"]
+
+
+def model_target(cfg) -> str:
+    return cfg.model.get("target", "set")
 
 
 def side(cfg) -> int:
     """Image side in pixels: one item, or a grid of them."""
-    return SIDE if cfg.kind == "single" else SIDE * cfg.data.grid
+    return SIDE if cfg.kind == "single" else SIDE * cfg.data.test_grid
 
 
 def metadata(cfg, state: dict, outputs: list[str]) -> dict[str, str]:
@@ -126,7 +132,7 @@ def metadata(cfg, state: dict, outputs: list[str]) -> dict[str, str]:
                                  "score >= threshold",
                           "sequence": "(batch, classes) float: each class's highest probability over the "
                                       "decoding steps"}[cfg.kind],
-               "tokens": f"(batch, {cfg.data.grid ** 2 + 1}) int64: greedy decoding, class indices in emission "
+               "tokens": f"(batch, {cfg.data.test_grid ** 2 + 1}) int64: greedy decoding, class indices in emission "
                          f"order, then {len(CLASSES)} (END) to the end"}
     meta = {
         "format": FORMAT,
@@ -136,7 +142,7 @@ def metadata(cfg, state: dict, outputs: list[str]) -> dict[str, str]:
         "input": json.dumps({
             "name": "images", "dtype": "uint8", "shape": ["batch", n, n], "side": n,
             "pixels": "8-bit gray, light item on black, as in Fashion-MNIST"
-                      + ("" if cfg.kind == "single" else f"; a {cfg.data.grid}x{cfg.data.grid} grid of 28x28 cells"),
+                      + ("" if cfg.kind == "single" else f"; a {cfg.data.test_grid}x{cfg.data.test_grid} grid of 28x28 cells"),
             "scaling": f"inside the graph: (pixel / 255 - {MEAN}) / {STD}"}),
         "outputs": json.dumps({name: meaning[name] for name in outputs}),
         # eval.tta: exported too, as the checkpoint predicts (the flips are one tensor op in the graph)
@@ -147,7 +153,9 @@ def metadata(cfg, state: dict, outputs: list[str]) -> dict[str, str]:
     if cfg.kind == "bce":
         meta["threshold"] = json.dumps(float((state.get("task_state") or {}).get("threshold", 0.5)))
     if cfg.kind == "sequence":
-        meta["decoding"] = f"greedy, {cfg.data.grid ** 2 + 1} steps, no label twice"
+        meta["target"] = model_target(cfg)
+        meta["decoding"] = (f"greedy, {cfg.data.test_grid ** 2 + 1} steps, "
+                            + ("one label per item" if model_target(cfg) == "multiset" else "no label twice"))
     return meta
 
 

@@ -48,6 +48,7 @@ class OnnxModel:
         self.side = json.loads(meta["input"])["side"]
         self.threshold = json.loads(meta.get("threshold", "0.5"))
         self.config = json.loads(meta["config"])
+        self.multiset = meta.get("target") == "multiset"  # files from before multiset mode name sets
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def run(self, images: torch.Tensor) -> dict[str, np.ndarray]:

@@ -94,3 +94,27 @@ def grounding(tokens, alpha, cells, y_true) -> dict[str, float]:
     mass = per_cell.gather(2, where[..., None]).squeeze(2)
     peak = per_cell.argmax(2) == where
     return {"grounding": float(peak[eligible].float().mean()), "grounding_mass": float(mass[eligible].mean())}
+
+
+def multiset(y_true: np.ndarray, y_pred: np.ndarray, classes) -> dict[str, float]:
+    """Counting metrics of count matrices (N, C): items of each class per image, true and predicted.
+
+    multiset_exact: every class with its count right; count_acc: the number of items right; multiset F1 per
+    class from matches = min(predicted, true) counts (F1 = 2 * matches / (predicted + true), summed over the
+    images; micro over all classes, macro the mean of per-class values); count_mae: mean |predicted - true|
+    per class and image (and per class).
+    """
+    from sklearn import metrics as skm
+
+    y_true, y_pred = np.asarray(y_true).astype(int), np.asarray(y_pred).astype(int)
+    matches = np.minimum(y_true, y_pred).sum(0)                       # (C,)
+    totals = y_true.sum(0) + y_pred.sum(0)                            # (C,)
+    per_class = np.divide(2 * matches, totals, out=np.zeros(len(matches)), where=totals > 0)
+    mae = skm.mean_absolute_error(y_true, y_pred, multioutput="raw_values")
+    out = {"multiset_exact": float(np.all(y_true == y_pred, axis=1).mean()),
+           "count_acc": float(skm.accuracy_score(y_true.sum(1), y_pred.sum(1))),
+           "multiset_f1_micro": float(2 * matches.sum() / totals.sum()) if totals.sum() else 0.0,
+           "multiset_f1_macro": float(per_class.mean()), "count_mae": float(mae.mean())}
+    out.update({f"multiset_f1/{slug(c)}": float(f) for c, f in zip(classes, per_class)})
+    out.update({f"count_mae/{slug(c)}": float(m) for c, m in zip(classes, mae)})
+    return out

@@ -1,9 +1,12 @@
 """Name the items in images: python -m cnnrnn.predict CKPT_OR_ONNX IMAGE_OR_DIR ...
 
-One JSON line per image on stdout: {"image": path, "labels": [names], "scores": {name: probability}}.
+One JSON line per image on stdout: {"image": path, "labels": [names], "scores": {name: probability}}; a
+multiset model (model.target=multiset) names a class once per item and adds "counts": {name: n}.
 The model is a checkpoint, or an .onnx file written by cnnrnn.export (run by onnxruntime on CPU; the same
-lines). Images are gray, light items on black (RGB is converted), 28 pixels square for a single-label model
-and grid x 28 for a multi-label one (--resize scales others). Pixels are scaled by their real range: 8-bit as
+lines). Images are gray, light items on black (RGB is converted), 28 pixels square for a single-label model;
+a multi-label checkpoint reads any picture whose sides are multiples of 28 (one item per 28x28 cell, square or
+not; the decoder names at most one label per cell, or --max-items), an .onnx file its exported size. --resize
+scales other sizes to the size the model was trained on. Pixels are scaled by their real range: 8-bit as
 they are; 16-bit by 65535; 32-bit integers by 255 if they fit in it, else by 65535 if they fit in that; float
 images within [0, 1] by 1, within [0, 255] as 8-bit levels; other ranges are stretched from their minimum to
 their maximum, with a warning. A bad image is reported on stderr in one line and skipped, the others are still
@@ -17,6 +20,8 @@ import math
 import os
 import sys
 import warnings
+from collections import Counter
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -30,7 +35,6 @@ from cnnrnn.cli import device_flag, fail
 from cnnrnn.data.fashion_mnist import CLASSES, SIDE
 from cnnrnn.engine import load_checkpoint
 from cnnrnn.errors import UserError
-
 
 
 def say(kind: str, message: str) -> None:
@@ -91,8 +95,8 @@ def eight_bit(img: Image.Image, path: Path) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
 
 
-def read_image(path: Path, side: int, resize: bool) -> torch.Tensor:
-    """(side, side) uint8, gray, light on black."""
+def read_image(path: Path, side: int, resize: bool, any_grid: bool = False) -> torch.Tensor:
+    """(H, W) uint8, gray, light on black: side x side, or with `any_grid` any multiple of 28 a side."""
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse those too, before decoding them
@@ -109,10 +113,13 @@ def read_image(path: Path, side: int, resize: bool) -> torch.Tensor:
         raise UserError(f"{path} cannot be read (permission denied); give an image file you can read.") from None
     except Exception as exc:  # Pillow's decoders raise many types (OSError, SyntaxError, ValueError, EOFError...)
         raise UserError(f"{path} is not a readable image ({type(exc).__name__}); give a PNG or JPEG file.") from None
-    if img.size != (side, side):
+    w, h = img.size
+    if not ((w, h) == (side, side) or any_grid and w % SIDE == 0 and h % SIDE == 0 and w and h):
         if not resize:
-            raise UserError(f"{path} is {img.size[0]}x{img.size[1]} pixels, but this model reads "
-                            f"{side}x{side}; pass --resize to scale it.")
+            reads = (f"pictures whose sides are multiples of {SIDE} pixels (one item per {SIDE}x{SIDE} cell)"
+                     if any_grid else f"{side}x{side}")
+            raise UserError(f"{path} is {w}x{h} pixels, but this model reads {reads}; pass --resize to scale it "
+                            f"to {side}x{side}.")
         img = img.resize((side, side), Image.BILINEAR)
     return torch.from_numpy(np.array(img, dtype=np.uint8))
 
@@ -124,30 +131,51 @@ def predict(model, task, images: torch.Tensor) -> tuple[list[list[int]], torch.T
     return task.labels(out), out["scores"].float().cpu()
 
 
-def load(path: str, device: str = "cpu") -> tuple[Callable, int, list[str]]:
-    """predict()'s function of uint8 images (B, H, W), the image side and the class names, for a checkpoint
-    or an exported .onnx file."""
+@dataclass
+class Loaded:
+    infer: Callable          # predict()'s function of uint8 images (B, H, W)
+    side: int                # the trained picture side (what --resize scales to)
+    classes: list[str]
+    any_grid: bool = False   # reads any multiple of 28 a side (a checkpoint's composite model)
+    multiset: bool = False   # names one label per item: print counts
+
+
+def load(path: str, device: str = "cpu", max_items: int | None = None) -> Loaded:
+    """The model of a checkpoint or an exported .onnx file; `max_items` caps the decoder's labels."""
     if path.lower().endswith(".onnx"):
         from cnnrnn.exported import OnnxModel
 
         if device == "cuda":
             raise UserError(f"{path} runs in onnxruntime on the CPU only; drop --device cuda, or give its checkpoint.")
+        if max_items is not None:
+            raise UserError(f"--max-items needs a checkpoint; {path} decodes its exported number of steps.")
         onnx_model = OnnxModel(path)
-        return onnx_model.predict, onnx_model.side, onnx_model.classes
+        return Loaded(onnx_model.predict, onnx_model.side, onnx_model.classes, False, onnx_model.multiset)
     state = load_checkpoint(path)
     cfg, model, task = build.from_checkpoint(state, path, device_flag(device))
-    side = SIDE if cfg.kind == "single" else SIDE * cfg.data.grid
-    return partial(predict, model, task), side, list(CLASSES)
+    if max_items is not None:
+        if cfg.kind != "sequence":
+            raise UserError(f"--max-items caps the label decoder, but {path} holds a task={cfg.task} model; drop it.")
+        if max_items < 1:
+            raise UserError(f"--max-items {max_items} must be at least 1.")
+        task.max_items = max_items
+    side = SIDE if cfg.kind == "single" else SIDE * cfg.data.test_grid
+    # both composite models are fully convolutional up to a pooling over (or attention across) the cells
+    return Loaded(partial(predict, model, task), side, list(CLASSES), cfg.kind != "single",
+                  getattr(task, "multiset", False))
 
 
-def record(path: Path, labels: list[int], scores: torch.Tensor, classes: list[str]) -> str:
-    """The image's JSON line; a sentence instead when a score is NaN or infinite (JSON has no such number)."""
+def record(path: Path, labels: list[int], scores: torch.Tensor, classes: list[str], counts: bool = False) -> str:
+    """The image's JSON line (with `counts`, each class's number of items); a sentence instead when a score is
+    NaN or infinite (JSON has no such number)."""
     values = [float(s) for s in scores]
     if not all(math.isfinite(v) for v in values):
         raise UserError(f"{path}: the model gave NaN or infinite scores for this image, so it has no prediction; "
                         f"check the image and the checkpoint.")
     line = {"image": str(path), "labels": [classes[i] for i in labels],
             "scores": {c: round(v, 6) for c, v in zip(classes, values)}}
+    if counts:
+        line["counts"] = dict(Counter(line["labels"]))
     return json.dumps(line, allow_nan=False)
 
 
@@ -162,7 +190,7 @@ def quiet_broken_pipe() -> None:
 def run(args) -> int:
     """Predict every image; the number of problems reported."""
     try:
-        infer, side, classes = load(args.ckpt, args.device)
+        m = load(args.ckpt, args.device, args.max_items)
     except UserError as exc:
         fail(str(exc))
     paths, problems = image_paths(args.images)
@@ -172,22 +200,23 @@ def run(args) -> int:
         chunk, images = [], []
         for path in paths[start:start + BATCH]:
             try:
-                images.append(read_image(path, side, args.resize))
+                images.append(read_image(path, m.side, args.resize, m.any_grid))
                 chunk.append(path)
             except UserError as exc:
                 problems.append(str(exc))
                 say("error", str(exc))
-        if not images:
-            continue
-        labels, scores = infer(torch.stack(images))
-        for path, idx, row in zip(chunk, labels, scores):
-            try:
-                line = record(path, idx, row, classes)
-            except UserError as exc:
-                problems.append(str(exc))
-                say("error", str(exc))
-                continue
-            print(line, flush=True)
+        lines = {}
+        for shape in dict.fromkeys(img.shape for img in images):  # one forward pass per picture size
+            at = [i for i, img in enumerate(images) if img.shape == shape]
+            labels, scores = m.infer(torch.stack([images[i] for i in at]))
+            for i, idx, row in zip(at, labels, scores):
+                try:
+                    lines[i] = record(chunk[i], idx, row, m.classes, m.multiset)
+                except UserError as exc:
+                    problems.append(str(exc))
+                    say("error", str(exc))
+        for i in sorted(lines):  # in the order the images were given
+            print(lines[i], flush=True)
     return len(problems)
 
 
@@ -196,7 +225,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("ckpt", help="a checkpoint written by cnnrnn.train (single- or multi-label), or an .onnx "
                                      "file written by cnnrnn.export")
     parser.add_argument("images", nargs="+", help="image files or folders of images")
-    parser.add_argument("--resize", action="store_true", help="scale images of another size to the model's")
+    parser.add_argument("--resize", action="store_true", help="scale images of a size the model does not read to "
+                                                              "the size it was trained on")
+    parser.add_argument("--max-items", type=int, help="decoder only: name at most K items per picture (default: "
+                                                      "one per 28x28 cell)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where a checkpoint runs")
     args = parser.parse_args(argv)
     try:

@@ -15,7 +15,8 @@ EVAL_BATCH = 500  # fixed, so that evaluate reproduces a run's numbers exactly
 # Scalars logged per epoch (and at the end under test/); per-class values go to metrics.json only.
 SCALARS = {"single": ("acc", "loss"),
            "multi": ("f1_micro", "f1_macro", "f1_samples", "cf1", "exact_match", "hamming_loss", "cardinality_acc",
-                     "map", "loss", "grounding", "grounding_mass")}  # grounding: the decoder only
+                     "map", "loss", "grounding", "grounding_mass",  # grounding: the decoder only
+                     "multiset_exact", "count_acc", "multiset_f1_micro", "multiset_f1_macro", "count_mae")}  # multiset
 AT_HALF = ("f1_micro", "f1_macro", "f1_samples", "exact_match", "hamming_loss")
 
 
@@ -78,7 +79,8 @@ def write_figures(writer, kind: str, task, source, out: dict, target: torch.Tens
     first = torch.arange(min(24, len(target)))
     batch = source.batch(source.order(None)[first])
     pred = task.labels({k: v[first] for k, v in out.items()})
-    true = [names(row.nonzero().flatten().tolist()) for row in target[first]]
+    # a class as often as the target counts it (once for a set; a multiset target repeats it)
+    true = [names([c for c in row.nonzero().flatten().tolist() for _ in range(int(row[c]))]) for row in target[first]]
     writer.add_figure("test/composites", viz.labelled_grid(batch["image"], true, [names(p) for p in pred]), step)
     per_class = {k[3:]: v for k, v in task.metrics(out, target).items() if k.startswith("f1/")}
     writer.add_figure("test/f1_per_class", viz.per_class_bars(per_class, "test F1"), step)

@@ -180,6 +180,9 @@ def run(cfg: Config, out_dir: str | Path, distributed: bool = True) -> dict:
     task = build.task(cfg, data["train"].labels)
     scene_spec = saved.get("scene") if saved is not None else build.scene_spec(cfg)
     src = build.sources(cfg, data, scene_spec)
+    if cfg.kind == "bce" and cfg.data.repeats and rank == 0:
+        log.warning("data.repeats=%s: the BCE baseline names sets, so it reports set metrics only (no multiset "
+                    "metrics); the decoder with model.target=multiset counts", cfg.data.repeats)
     if cfg.kind != "single" and rank == 0:
         log.info("scene %s, label statistics of 100,000 training composites:\n%s", cfg.data.scene,
                  scene.format_statistics(src.train.statistics(100_000)))
@@ -403,7 +406,7 @@ def hardware(device: torch.device) -> str:
 def tile_oracle(cfg: Config, out_dir: Path, test_src, device) -> dict:
     """The single-label cnn applied to each occupied test cell: oracle/* metrics on the same composites."""
     path = Path(cfg.oracle.ckpt) if cfg.oracle.ckpt else train_oracle(cfg, out_dir)
-    m = report.score_oracle(path, cfg.data.grid, test_src, device)
+    m = report.score_oracle(path, cfg.data.test_grid, test_src, device)
     log.info("tile oracle (%s): f1_samples=%.4f exact_match=%.4f", path, m["oracle/f1_samples"],
              m["oracle/exact_match"])
     return m

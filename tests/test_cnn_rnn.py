@@ -83,7 +83,7 @@ def test_no_ground_truth_reaches_the_decoder_at_inference():
     with_truth = task.predict(model, {"image": x, "labels": labels, "cells": torch.zeros(6, 4, dtype=torch.long)})
     for key in alone:
         assert torch.equal(alone[key], with_truth[key])
-    assert list(inspect.signature(model.generate).parameters) == ["x", "beam_size", "flip"]  # no label argument
+    assert list(inspect.signature(model.generate).parameters) == ["x", "beam_size", "flip", "max_labels"]  # no labels
 
 
 LABELS = torch.tensor([[0, 1, 0, 1, 0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0, 0, 1],

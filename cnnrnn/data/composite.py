@@ -7,7 +7,7 @@ from cnnrnn.data.augment import Augment
 from cnnrnn.data.degrade import degrade, mix
 from cnnrnn.data.fashion_mnist import CLASSES, SIDE, Split
 from cnnrnn.data.loader import epoch_seed
-from cnnrnn.data.scene import Scene, label_statistics
+from cnnrnn.data.scene import Scene, item_of_class, label_statistics
 
 
 def sample_layout(n: int, n_items: int, grid: int, min_items: int, max_items: int,
@@ -19,6 +19,32 @@ def sample_layout(n: int, n_items: int, grid: int, min_items: int, max_items: in
     rank = torch.rand(n, cells, generator=generator).argsort(dim=1).argsort(dim=1)
     items = torch.randint(0, n_items, (n, cells), generator=generator)
     return torch.where(rank < k, items, torch.full_like(items, -1))
+
+
+def add_repeats(layout: torch.Tensor, labels: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Layouts (n, G*G) where each occupied cell after the first (reading order), with probability p, holds an
+    item of the class of a random earlier occupied cell instead: composites that repeat classes (counting)."""
+    n, cells = layout.shape
+    occupied = layout >= 0
+    cls = torch.where(occupied, labels[layout.clamp(min=0)], -1)
+    repeat = torch.rand(n, cells, generator=generator) < p
+    pick = torch.rand(n, cells, generator=generator)
+    u = torch.rand(n, cells, generator=generator)
+    changed = torch.zeros_like(occupied)
+    for j in range(1, cells):
+        earlier = cls[:, :j] >= 0                                                   # (n, j)
+        source = pick[:, :j].masked_fill(~earlier, -1.0).argmax(dim=1)              # a random earlier item
+        changed[:, j] = repeat[:, j] & occupied[:, j] & earlier.any(dim=1)
+        cls[changed[:, j], j] = cls[changed[:, j], source[changed[:, j]]]
+    swapped = item_of_class(labels, cls.clamp(min=0), u)
+    return torch.where(changed, swapped, layout)
+
+
+def counts_of(cells: torch.Tensor, num_classes: int = len(CLASSES)) -> torch.Tensor:
+    """(B, C) float number of cells holding each class among cells (B, G*G), -1 marking an empty cell."""
+    counts = torch.zeros(len(cells), num_classes + 1)
+    counts.scatter_add_(1, torch.where(cells >= 0, cells, num_classes), torch.ones(cells.shape))
+    return counts[:, :num_classes]
 
 
 def with_black(images: torch.Tensor) -> torch.Tensor:
@@ -53,20 +79,21 @@ def cell_crops(images: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 class CompositeSource:
-    """Composites of one split: {'image': (B, G*28, G*28) uint8, 'cells': (B, G*G), 'labels': (B, C)}.
+    """Composites of one split: {'image': (B, G*28, G*28) uint8, 'cells': (B, G*G), 'labels': (B, C) the set,
+    'counts': (B, C) items per class}.
 
     Training sources draw new layouts every epoch; fixed sources (validation, test) draw theirs once from
     `seed`, so every run and every model sees the same images. `scene` (a Scene) decides which items go
-    together (default: independent, uniform); `degrade` corrupts every item (see data.degrade), the same way
-    for a fixed image whatever batch it comes in.
+    together (default: independent, uniform); `repeats` makes items repeat classes (see add_repeats); `degrade`
+    corrupts every item (see data.degrade), the same way for a fixed image whatever batch it comes in.
     """
 
     def __init__(self, split: Split, size: int, grid: int = 2, min_items: int = 1, max_items: int = 4,
                  seed: int = 0, fixed: bool = False, augment: Augment | None = None, scene: Scene | None = None,
-                 degrade: float = 0.0):
+                 degrade: float = 0.0, repeats: float = 0.0):
         self.split, self.size, self.grid = split, size, grid
         self.min_items, self.max_items, self.seed, self.augment = min_items, max_items, seed, augment
-        self.scene, self.degrade = scene, degrade
+        self.scene, self.degrade, self.repeats = scene, degrade, repeats
         self.fixed_layout = self._layout(seed) if fixed else None
         # Built once, so that rendering only gathers; augmented or degraded batches pad their own items instead.
         self.words = with_black(split.images) if augment is None and not degrade else None
@@ -79,8 +106,12 @@ class CompositeSource:
 
     def _draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
         if self.scene is not None:
-            return self.scene.sample(n, self.split.labels, self.grid, self.min_items, self.max_items, generator)
-        return sample_layout(n, len(self.split), self.grid, self.min_items, self.max_items, generator)
+            layout = self.scene.sample(n, self.split.labels, self.grid, self.min_items, self.max_items, generator)
+        else:
+            layout = sample_layout(n, len(self.split), self.grid, self.min_items, self.max_items, generator)
+        if self.repeats:  # only then: the draws of composites without repeats stay as they were
+            layout = add_repeats(layout, self.split.labels, self.repeats, generator)
+        return layout
 
     def order(self, epoch: int | None) -> torch.Tensor:
         if self.fixed_layout is not None:
@@ -114,4 +145,40 @@ class CompositeSource:
             layout[occupied] = torch.arange(len(items))
             images = with_black(items)
         cells = torch.where(rows >= 0, self.split.labels[rows.clamp(min=0)], -1)
-        return {"image": render(images, layout, self.grid), "cells": cells, "labels": multi_hot(cells)}
+        return {"image": render(images, layout, self.grid), "cells": cells, "labels": multi_hot(cells),
+                "counts": counts_of(cells)}
+
+
+class MixedGridSource:
+    """Training composites of several grid sizes: each batch of `batch_size` rows is one size, the sizes mixed
+    across steps. The epoch's order holds, per row, the grid's index and its layout (padded with -1), all
+    drawn from the epoch's seed, so any step can be replayed (exact resume), and every rank of a data-parallel
+    run slices the same global batch, of one size."""
+
+    def __init__(self, sources: list[CompositeSource], batch_size: int, seed: int = 0):
+        self.sources, self.batch_size, self.seed = sources, batch_size, seed
+        self.size, self.split = sources[0].size, sources[0].split
+        self.width = max(s.grid for s in sources) ** 2
+
+    def __len__(self) -> int:
+        return self.size
+
+    def order(self, epoch: int | None) -> torch.Tensor:
+        """(N, 1 + max cells): grid index per row (one per batch), then that grid's layout, -1 padded."""
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, 0 if epoch is None else epoch) + 1)
+        n_batches = -(-self.size // self.batch_size)
+        pick = torch.randint(len(self.sources), (n_batches,), generator=g).repeat_interleave(self.batch_size)
+        pick = pick[: self.size]                                                       # (N,)
+        rows = torch.full((self.size, 1 + self.width), -1, dtype=torch.long)
+        rows[:, 0] = pick
+        for i, src in enumerate(self.sources):
+            layout = src.order(epoch)                                                  # (N, G*G)
+            rows[pick == i, 1: 1 + layout.shape[1]] = layout[pick == i]
+        return rows
+
+    def statistics(self, n: int, seed: int = 12345) -> dict:
+        return self.sources[-1].statistics(n, seed)
+
+    def batch(self, rows: torch.Tensor, key: int = 0) -> dict[str, torch.Tensor]:
+        src = self.sources[int(rows[0, 0])]
+        return src.batch(rows[:, 1: 1 + src.grid ** 2], key)

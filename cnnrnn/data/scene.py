@@ -64,7 +64,7 @@ class Scene:
         cls = torch.where(random, torch.randint(0, c, filled.shape, generator=generator), cls)
         # slots beyond max_items (in file order) or beyond the grid's cells stay empty
         filled &= filled.cumsum(1) <= min(max_items, cells)
-        item = _item_of_class(labels, cls, torch.rand(filled.shape, generator=generator))  # (n, S)
+        item = item_of_class(labels, cls, torch.rand(filled.shape, generator=generator))  # (n, S)
         slot_pos = filled.cumsum(1) - 1                                                    # j-th filled slot
         order = torch.rand(n, cells, generator=generator).argsort(1)                       # cells in random order
         layout = torch.full((n, cells), -1, dtype=torch.long)
@@ -79,7 +79,7 @@ def _number(value, where: str, low: float, high: float) -> float:
     return float(value)
 
 
-def _item_of_class(labels: torch.Tensor, cls: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def item_of_class(labels: torch.Tensor, cls: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """For each class in cls, the index of a random item of that class (u: uniforms of cls's shape)."""
     by_class = labels.argsort(stable=True)
     counts = torch.bincount(labels, minlength=len(CLASSES))

@@ -2,6 +2,7 @@
 
 Tokens: 0..C-1 are the classes, C is END, C+1 is START. The decoder's output vocabulary is the C classes
 plus END. Training feeds given (teacher) tokens; `generate` feeds only the model's own outputs.
+target='set' names each class once; 'multiset' names one label per item, so a class may repeat.
 """
 from __future__ import annotations
 
@@ -28,8 +29,11 @@ class CNNRNN(nn.Module):
                  cell_dim: int = 128, embed: int = 64, hidden: int = 256, attention: bool = True,
                  attn_dim: int = 128, dropout: float = 0.3, beam_size: int = 1, max_labels: int = 4,
                  pool_first: bool = False, feedback: bool = True, context_dropout: float = 0.0,
-                 embed_dropout: float = 0.0):
+                 embed_dropout: float = 0.0, target: str = "set"):
         super().__init__()
+        if target not in ("set", "multiset"):
+            raise ValueError(f"target must be 'set' or 'multiset', got {target!r}")
+        self.multiset = target == "multiset"
         self.num_classes, self.end, self.start = num_classes, num_classes, num_classes + 1
         self.attention, self.beam_size, self.max_labels = attention, beam_size, max_labels
         # feedback=False is the ablation: every step is fed the same (START) embedding instead of the label it
@@ -92,51 +96,59 @@ class CNNRNN(nn.Module):
             tokens = target.clamp(min=0)  # padding (-100) after END is never scored; feed any valid token
         return torch.stack(logits, dim=1)
 
-    def _allowed(self, emitted: torch.Tensor, t: int) -> torch.Tensor:
-        """Mask (…, C+1) of tokens that may come next: no label twice, only END once max_labels are out."""
-        allowed = torch.cat([~emitted, torch.ones_like(emitted[..., :1])], dim=-1)
-        if t >= self.max_labels:
+    def _allowed(self, counts: torch.Tensor, t: int, limit: int) -> torch.Tensor:
+        """Mask (…, C+1) of tokens that may come next, from the labels emitted so far (counts (…, C)): only END
+        once `limit` labels are out; before that no label twice (set), or any label (multiset: one per item, so
+        a repeat is allowed exactly while fewer labels than cells are out)."""
+        fresh = torch.ones_like(counts, dtype=torch.bool) if self.multiset else counts == 0
+        allowed = torch.cat([fresh, torch.ones_like(fresh[..., :1])], dim=-1)
+        if t >= limit:
             allowed[..., : self.num_classes] = False
         return allowed
 
     @torch.no_grad()
-    def generate(self, x: torch.Tensor, beam_size: int | None = None, flip: bool = False) -> dict[str, torch.Tensor]:
-        """Decode from the image alone (`flip`: test-time flips, see encode). Returns 'labels' (B, C) bool,
-        'scores' (B, C) each class's highest probability over the decoding steps, 'tokens' (B, T) (END-padded)
-        and 'alpha' (B, T, L)."""
+    def generate(self, x: torch.Tensor, beam_size: int | None = None, flip: bool = False,
+                 max_labels: int | None = None) -> dict[str, torch.Tensor]:
+        """Decode from the image alone (`flip`: test-time flips, see encode), at most `max_labels` labels
+        (default: the model's). Returns 'labels' (B, C) bool, 'counts' (B, C) labels emitted per class, 'scores'
+        (B, C) each class's highest probability over the decoding steps, 'tokens' (B, T) (END-padded) and
+        'alpha' (B, T, L)."""
         beam_size = beam_size or self.beam_size
+        limit = max_labels or self.max_labels
         encoded = self.encode(x, flip)
-        out = self._greedy(x, encoded) if beam_size == 1 else self._beam(x, beam_size, encoded)
-        pad = self.max_labels + 1 - out["tokens"].shape[1]  # decoding stops early once every image is done
+        out = self._greedy(x, encoded, limit) if beam_size == 1 else self._beam(x, beam_size, encoded, limit)
+        out["labels"] = out["counts"] > 0
+        pad = limit + 1 - out["tokens"].shape[1]  # decoding stops early once every image is done
         out["tokens"] = F.pad(out["tokens"], (0, pad), value=self.end)
         out["alpha"] = F.pad(out["alpha"], (0, 0, 0, pad))
         return out
 
-    def _greedy(self, x: torch.Tensor, encoded=None) -> dict[str, torch.Tensor]:
+    def _greedy(self, x: torch.Tensor, encoded=None, limit: int | None = None) -> dict[str, torch.Tensor]:
         feats, keys, state = encoded or self.encode(x)
-        b, c = len(x), self.num_classes
+        b, c, limit = len(x), self.num_classes, limit or self.max_labels
         tokens = torch.full((b,), self.start, dtype=torch.long, device=x.device)
-        emitted = torch.zeros(b, c, dtype=torch.bool, device=x.device)
+        counts = torch.zeros(b, c, dtype=torch.long, device=x.device)
         done = torch.zeros(b, dtype=torch.bool, device=x.device)
         scores = torch.zeros(b, c, device=x.device)
         out, alphas = [], []
-        for t in range(self.max_labels + 1):
+        for t in range(limit + 1):
             logits, state, alpha = self.step(tokens, state, feats, keys)
             probs = logits.float().softmax(dim=1)
             scores = torch.where(done[:, None], scores, torch.maximum(scores, probs[:, :c]))
-            tokens = logits.masked_fill(~self._allowed(emitted, t), float("-inf")).argmax(dim=1)
+            tokens = logits.masked_fill(~self._allowed(counts, t, limit), float("-inf")).argmax(dim=1)
             tokens = torch.where(done, self.end, tokens)
-            emitted |= F.one_hot(tokens, c + 1)[:, :c].bool()
+            counts += F.one_hot(tokens, c + 1)[:, :c]
             done |= tokens == self.end
             out.append(tokens)
             alphas.append(alpha)
             if done.all():
                 break
-        return {"labels": emitted, "scores": scores, "tokens": torch.stack(out, 1), "alpha": torch.stack(alphas, 1)}
+        return {"labels": counts > 0, "counts": counts, "scores": scores, "tokens": torch.stack(out, 1),
+                "alpha": torch.stack(alphas, 1)}
 
-    def _beam(self, x: torch.Tensor, k: int, encoded=None) -> dict[str, torch.Tensor]:
+    def _beam(self, x: torch.Tensor, k: int, encoded=None, limit: int | None = None) -> dict[str, torch.Tensor]:
         feats, keys, (h, c) = encoded or self.encode(x)
-        b, n, v = len(x), self.num_classes, self.num_classes + 1
+        b, n, v, limit = len(x), self.num_classes, self.num_classes + 1, limit or self.max_labels
         dev = x.device
 
         def tile(t):  # (B, ...) -> (B*K, ...)
@@ -146,15 +158,15 @@ class CNNRNN(nn.Module):
         tokens = torch.full((b * k,), self.start, dtype=torch.long, device=dev)
         logp = torch.full((b, k), float("-inf"), device=dev)
         logp[:, 0] = 0.0                                    # one live beam at first, so none are duplicates
-        emitted = torch.zeros(b, k, n, dtype=torch.bool, device=dev)
+        counts = torch.zeros(b, k, n, dtype=torch.long, device=dev)
         done = torch.zeros(b, k, dtype=torch.bool, device=dev)
         scores = torch.zeros(b, k, n, device=dev)
         history = torch.zeros(b, k, 0, dtype=torch.long, device=dev)
         alphas = torch.zeros(b, k, 0, feats.shape[1], device=dev)
-        for t in range(self.max_labels + 1):
+        for t in range(limit + 1):
             logits, (h, c), alpha = self.step(tokens, (h, c), feats, keys)
             step_logp = logits.float().log_softmax(dim=1).view(b, k, v)
-            step_logp = step_logp.masked_fill(~self._allowed(emitted, t), float("-inf"))
+            step_logp = step_logp.masked_fill(~self._allowed(counts, t, limit), float("-inf"))
             # A finished beam continues only with END, at no cost, so it keeps its score.
             finished = torch.full_like(step_logp, float("-inf"))
             finished[..., self.end] = 0.0
@@ -162,13 +174,13 @@ class CNNRNN(nn.Module):
             total = (logp[..., None] + step_logp).view(b, k * v)                 # (B, K*V)
             logp, flat = total.topk(k, dim=1)                                    # (B, K)
             parent, tokens2d = flat // v, flat % v
-            emitted, done, scores, history, alphas = (_follow(t_, parent) for t_ in (emitted, done, scores, history,
-                                                                                     alphas))
+            counts, done, scores, history, alphas = (_follow(t_, parent) for t_ in (counts, done, scores, history,
+                                                                                    alphas))
             rows = (parent + torch.arange(b, device=dev)[:, None] * k).flatten()
             h, c = h[rows], c[rows]
             probs = logits.float().softmax(dim=1)[rows].view(b, k, v)[..., :n]
             scores = torch.where(done[..., None], scores, torch.maximum(scores, probs))
-            emitted = emitted | F.one_hot(tokens2d, v)[..., :n].bool()
+            counts = counts + F.one_hot(tokens2d, v)[..., :n]
             done = done | (tokens2d == self.end)
             history = torch.cat([history, tokens2d[..., None]], dim=2)
             alphas = torch.cat([alphas, alpha[rows].view(b, k, 1, -1)], dim=2)
@@ -177,4 +189,5 @@ class CNNRNN(nn.Module):
                 break
         best = logp.argmax(dim=1)                                                # (B,)
         sel = lambda t_: t_[torch.arange(b, device=dev), best]  # noqa: E731
-        return {"labels": sel(emitted), "scores": sel(scores), "tokens": sel(history), "alpha": sel(alphas)}
+        return {"labels": sel(counts) > 0, "counts": sel(counts), "scores": sel(scores), "tokens": sel(history),
+                "alpha": sel(alphas)}
