@@ -71,7 +71,7 @@ def test_predict_reads_any_multiple_of_28_and_refuses_other_sizes(fake_root, tmp
     Image.fromarray(images[1, :56].numpy()).save(wide)                 # 84 wide, 56 high: 2 x 3 cells
     Image.fromarray(np.zeros((70, 70), np.uint8)).save(odd)
     code, records, err = run_predict(capsys, ckpt, big, odd, wide)
-    assert code == 1 and [r["image"] for r in records] == [str(big), str(wide)]
+    assert code == 2 and [r["image"] for r in records] == [str(big), str(wide)]
     assert [len(r["labels"]) for r in records] == [9, 6]
     lines = [line for line in err.splitlines() if line]
     assert len(lines) == 1 and "odd.png is 70x70 pixels" in lines[0] and "multiples of 28" in lines[0]

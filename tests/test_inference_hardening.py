@@ -3,6 +3,7 @@ ones (bombs included) with exit 2, writes strict JSON and stops quietly on a clo
 predict, evaluate, export and compare is one sentence with exit 2, before any work."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -203,14 +204,15 @@ def test_a_nan_score_skips_that_image_and_the_output_stays_json(fake_root, tmp_p
         Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / f"{name}.png")
     real_load = predict.load
 
-    def load(path, device="cpu"):
-        infer, side, classes = real_load(path, device)
+    def load(*args):
+        loaded = real_load(*args)
+        infer = loaded.infer
 
         def nan_for_b(images):
             labels, scores = infer(images)
             scores[1, 3] = float("nan")
             return labels, scores
-        return nan_for_b, side, classes
+        return dataclasses.replace(loaded, infer=nan_for_b)
 
     monkeypatch.setattr(predict, "load", load)
     code, out, err = run_main(capsys, predict.main, ckpt, *[tmp_path / f"{n}.png" for n in "abc"])
