@@ -17,6 +17,7 @@ from cnnrnn import rundir
 from cnnrnn.config import CONFIG_DIR, Config, from_dict
 from cnnrnn.errors import UserError
 log = logging.getLogger("cnnrnn")
+RANK_SCRATCH: Path | None = None  # the throw-away run dir of a rank other than 0 (train.leave_rank removes it)
 
 
 def compose(overrides: list[str], with_hydra: bool = False):
@@ -139,6 +140,7 @@ def _claim_output(argv: list[str], overrides: list[str], hydra_args: dict) -> li
 
 def check_command_line(argv: list[str]) -> list[str]:
     """Refuse a bad command line before Hydra creates anything; return argv, completed for resume and ranks."""
+    global RANK_SCRATCH
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
@@ -173,7 +175,8 @@ def check_command_line(argv: list[str]) -> list[str]:
         if rank == 0:  # last, so that a command refused above has created nothing
             argv = _claim_output(argv, plain + hydra_lines, hydra_args)
     if rank > 0:  # only rank 0 writes a run dir and logs
-        argv = argv + [f"hydra.run.dir={tempfile.mkdtemp(prefix='cnnrnn-rank')}", "hydra.output_subdir=null",
+        RANK_SCRATCH = Path(tempfile.mkdtemp(prefix="cnnrnn-rank"))
+        argv = argv + [f"hydra.run.dir={RANK_SCRATCH}", "hydra.output_subdir=null",
                        "hydra/job_logging=disabled"]
     return argv
 
@@ -349,6 +352,8 @@ def hydra_entry(run: Callable[[Config, str], object]) -> None:
         finally:
             if job:
                 job.release()
+            if RANK_SCRATCH is not None:  # a rank other than 0 that stopped (train.leave_rank when it finished)
+                shutil.rmtree(RANK_SCRATCH, ignore_errors=True)
 
     try:
         _main()

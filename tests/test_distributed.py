@@ -23,8 +23,9 @@ ARGS = ["task=lstm", "model.dropout=0", "trainer.amp=false", "trainer.epochs=1",
 
 @needs_real_data
 def test_two_processes_match_one(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    env = cli_env()
+    one, two, scratch = tmp_path / "one", tmp_path / "two", tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**cli_env(), "TMPDIR": str(scratch)}
     single = subprocess.run([PYTHON, "-m", "cnnrnn.train", *ARGS, f"hydra.run.dir={one}"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
@@ -34,6 +35,7 @@ def test_two_processes_match_one(tmp_path):
     assert ddp.returncode == 0, ddp.stderr
     assert "ranks=2" in (two / "train.log").read_text()
     assert len(list(two.rglob("metrics.json"))) == 1 and len(list(two.glob("events.out.tfevents*"))) == 2
+    assert not list(scratch.glob("cnnrnn-rank*"))  # rank 1's throw-away run dir is gone with it
     acc = [json.loads((run / "metrics.json").read_text())["test/acc"] for run in (one, two)]
     assert acc[1] > 0.3 and abs(acc[0] - acc[1]) <= 0.01, acc  # it learned, as much as one process did
     a, b = scalar(one, "train/loss"), scalar(two, "train/loss")
