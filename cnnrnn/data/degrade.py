@@ -44,6 +44,6 @@ def degrade(items: torch.Tensor, seeds: torch.Tensor, strength: float) -> torch.
         x0 = (uniform(seeds, 2) * (SIDE - box + 1)).long()[:, None]
         inside = (((r >= y0) & (r < y0 + box))[:, :, None] & ((r >= x0) & (r < x0 + box))[:, None, :])
         x = x.masked_fill(inside, 0.0)
-    pixels = seeds[:, None] * (SIDE * SIDE) + torch.arange(SIDE * SIDE, device=items.device)  # (N, 784) a seed per pixel
+    pixels = seeds[:, None] * (SIDE * SIDE) + torch.arange(SIDE * SIDE, device=items.device)  # (N, 784) per pixel
     noise = (uniform(pixels, 3) * 2 - 1).view(n, SIDE, SIDE) * (96 * strength)
     return (x + noise).round_().clamp_(0, 255).to(torch.uint8)
