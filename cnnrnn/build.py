@@ -41,8 +41,13 @@ def scene(cfg: Config, spec: dict | None = None) -> Scene | None:
     return None if spec is None else Scene(spec, cfg.data.scene)
 
 
-def sources(cfg: Config, data: dict[str, Split], scene_spec: dict | None = None) -> Sources:
+def sources(cfg: Config, data: dict[str, Split], scene_spec: dict | None = None,
+            device: torch.device | str | None = None) -> Sources:
+    """The four sources; with `device`, every split's items and labels are put there once, and all batches
+    (gathers, composites, augmentation) are made there: nothing is copied per batch but the batch's indices."""
     d = cfg.data
+    if device is not None:
+        data = {name: split.to(device) for name, split in data.items()}
     augment = Augment(d.hflip, d.shift, d.erase, d.rotate, d.scale, d.contrast) if d.augment else None
     n_eval = min(d.train_eval_size, len(data["train"]))
     if cfg.kind == "single":

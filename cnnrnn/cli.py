@@ -262,6 +262,12 @@ def default_threads(hydra_cfg=None) -> int | None:
     return max(1, cores() // share) if share > 1 else None
 
 
+def job_threads(cfg: Config, hydra_cfg=None) -> int | None:
+    """The threads hydra_entry sets for a job: its share of the cores (default_threads), or None when
+    trainer.threads is given (an explicit value wins: train.run sets exactly that) or the process runs alone."""
+    return None if cfg.trainer.threads else default_threads(hydra_cfg)
+
+
 def device_flag(name: str, flag: str = "--device"):
     """The torch.device for an entry point's --device (cpu, cuda, or auto: cuda where there is one); a sentence
     for cuda without a GPU, found before any work."""
@@ -331,7 +337,7 @@ def hydra_entry(run: Callable[[Config, str], object]) -> None:
             if not mine:  # a sweep's job: its folder is new in the claimed sweep folder, unless the subdir clashes
                 job, mine = rundir.lock_job(out_dir), True
             cfg = config_from(dcfg)
-            threads = None if cfg.trainer.threads else default_threads(hydra_cfg)
+            threads = job_threads(cfg, hydra_cfg)
             if threads:  # an explicit trainer.threads wins
                 import torch
 

@@ -84,7 +84,7 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
     if cfg.kind == "sequence" and not (state.get("task_state") or {}).get("class_counts"):
         # an older checkpoint without the training class counts: count them as the run did, on its training split
         task = build.task(cfg, data["train"].labels, state.get("task_state"))
-    src = build.sources(cfg, data, state.get("scene"))
+    src = build.sources(cfg, data, state.get("scene"), device=dev)
     results, _, _ = report.score_test(model, task, src.test, dev, amp=resolve_amp(cfg.trainer.amp, dev))
     summary = dict(state.get("summary", {}))
     if grid is not None or max_items is not None:  # the run's oracle scored other composites

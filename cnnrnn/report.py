@@ -71,13 +71,13 @@ def write_figures(writer, kind: str, task, source, out: dict, target: torch.Tens
         cm = confusion(target.numpy(), out["pred"].numpy(), len(CLASSES))
         writer.add_figure("test/confusion_matrix", viz.confusion_matrix(cm, CLASSES), step)
         wrong = (out["pred"] != target).nonzero().flatten()[:24]
-        batch = source.batch(source.order(None)[wrong])
+        batch = {k: v.cpu() for k, v in source.batch(source.order(None)[wrong]).items()}  # for the figure
         fig = viz.labelled_grid(batch["image"], [names([int(t)]) for t in target[wrong]],
                                 [names([int(p)]) for p in out["pred"][wrong]])
         writer.add_figure("test/misclassified", fig, step)
         return
     first = torch.arange(min(24, len(target)))
-    batch = source.batch(source.order(None)[first])
+    batch = {k: v.cpu() for k, v in source.batch(source.order(None)[first]).items()}  # for the figures
     pred = task.labels({k: v[first] for k, v in out.items()})
     # a class as often as the target counts it (once for a set; a multiset target repeats it)
     true = [names([c for c in row.nonzero().flatten().tolist() for _ in range(int(row[c]))]) for row in target[first]]

@@ -193,7 +193,7 @@ def run(cfg: Config, out_dir: str | Path, distributed: bool = True) -> dict:
     build.check_sizes(cfg, len(data["train"]), world)
     task = build.task(cfg, data["train"].labels)
     scene_spec = saved.get("scene") if saved is not None else build.scene_spec(cfg)
-    src = build.sources(cfg, data, scene_spec)
+    src = build.sources(cfg, data, scene_spec, device=device)
     if cfg.kind == "bce" and cfg.data.repeats and rank == 0:
         log.warning("data.repeats=%s: the BCE baseline names sets, so it reports set metrics only (no multiset "
                     "metrics); the decoder with model.target=multiset counts", cfg.data.repeats)

@@ -42,8 +42,8 @@ def add_repeats(layout: torch.Tensor, labels: torch.Tensor, p: float, generator:
 
 def counts_of(cells: torch.Tensor, num_classes: int = len(CLASSES)) -> torch.Tensor:
     """(B, C) float number of cells holding each class among cells (B, G*G), -1 marking an empty cell."""
-    counts = torch.zeros(len(cells), num_classes + 1)
-    counts.scatter_add_(1, torch.where(cells >= 0, cells, num_classes), torch.ones(cells.shape))
+    counts = torch.zeros(len(cells), num_classes + 1, device=cells.device)
+    counts.scatter_add_(1, torch.where(cells >= 0, cells, num_classes), torch.ones(cells.shape, device=cells.device))
     return counts[:, :num_classes]
 
 
@@ -66,7 +66,7 @@ def render(words: torch.Tensor, layout: torch.Tensor, grid: int) -> torch.Tensor
 
 def multi_hot(cells: torch.Tensor, num_classes: int = len(CLASSES)) -> torch.Tensor:
     """(B, C) float set of the distinct classes among cells (B, G*G), where -1 marks an empty cell."""
-    hot = torch.zeros(len(cells), num_classes + 1)
+    hot = torch.zeros(len(cells), num_classes + 1, device=cells.device)
     hot.scatter_(1, torch.where(cells >= 0, cells, num_classes), 1.0)  # empty cells land in an extra column
     return hot[:, :num_classes]
 
@@ -86,6 +86,9 @@ class CompositeSource:
     `seed`, so every run and every model sees the same images. `scene` (a Scene) decides which items go
     together (default: independent, uniform); `repeats` makes items repeat classes (see add_repeats); `degrade`
     corrupts every item (see data.degrade), the same way for a fixed image whatever batch it comes in.
+
+    Batches are made on the split's device (Split.to): layouts and every random draw come from CPU generators
+    (the same composites for a seed on any device; exact resume), then only the batch's layout rows move there.
     """
 
     def __init__(self, split: Split, size: int, grid: int = 2, min_items: int = 1, max_items: int = 4,
@@ -94,6 +97,7 @@ class CompositeSource:
         self.split, self.size, self.grid = split, size, grid
         self.min_items, self.max_items, self.seed, self.augment = min_items, max_items, seed, augment
         self.scene, self.degrade, self.repeats = scene, degrade, repeats
+        self.labels = split.labels.cpu()  # for the draws, which stay on the CPU whatever the split's device
         self.fixed_layout = self._layout(seed) if fixed else None
         # Built once, so that rendering only gathers; augmented or degraded batches pad their own items instead.
         self.words = with_black(split.images) if augment is None and not degrade else None
@@ -106,11 +110,11 @@ class CompositeSource:
 
     def _draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
         if self.scene is not None:
-            layout = self.scene.sample(n, self.split.labels, self.grid, self.min_items, self.max_items, generator)
+            layout = self.scene.sample(n, self.labels, self.grid, self.min_items, self.max_items, generator)
         else:
             layout = sample_layout(n, len(self.split), self.grid, self.min_items, self.max_items, generator)
         if self.repeats:  # only then: the draws of composites without repeats stay as they were
-            layout = add_repeats(layout, self.split.labels, self.repeats, generator)
+            layout = add_repeats(layout, self.labels, self.repeats, generator)
         return layout
 
     def order(self, epoch: int | None) -> torch.Tensor:
@@ -120,7 +124,7 @@ class CompositeSource:
 
     def statistics(self, n: int, seed: int = 12345) -> dict:
         """Label statistics (data.scene.label_statistics) of n layouts drawn as this source draws them."""
-        return label_statistics(self._draw(n, torch.Generator().manual_seed(seed)), self.split.labels)
+        return label_statistics(self._draw(n, torch.Generator().manual_seed(seed)), self.labels)
 
     def item_seeds(self, rows: torch.Tensor, key: int) -> torch.Tensor:
         """An int64 seed per occupied cell of layouts `rows`: a hash of the whole layout and the cell, so a
@@ -132,19 +136,21 @@ class CompositeSource:
         return mix(h[:, None] * 131 + cell)[rows >= 0]
 
     def batch(self, rows: torch.Tensor, key: int = 0) -> dict[str, torch.Tensor]:
-        layout, images = rows, self.words
+        """The composites of layout rows (B, G*G) (CPU, from order()), made on the split's device."""
+        at = rows.to(self.split.images.device)  # only the layouts travel; the items are there already
+        layout, images = at, self.words
         if images is None:
             # Change only the items this batch places, then tile those: one item per occupied cell.
-            occupied = layout >= 0
-            items = self.split.images[layout[occupied]]
-            if self.degrade:
-                items = degrade(items, self.item_seeds(rows, key), self.degrade)
+            occupied = at >= 0
+            items = self.split.images[at[occupied]]
+            if self.degrade:  # seeds hashed from the CPU rows, as always
+                items = degrade(items, self.item_seeds(rows, key).to(at.device), self.degrade)
             if self.augment is not None:
                 items = self.augment(items, key)
-            layout = torch.full_like(layout, -1)
-            layout[occupied] = torch.arange(len(items))
+            layout = torch.full_like(at, -1)
+            layout[occupied] = torch.arange(len(items), device=at.device)
             images = with_black(items)
-        cells = torch.where(rows >= 0, self.split.labels[rows.clamp(min=0)], -1)
+        cells = torch.where(at >= 0, self.split.labels[at.clamp(min=0)], -1)
         return {"image": render(images, layout, self.grid), "cells": cells, "labels": multi_hot(cells),
                 "counts": counts_of(cells)}
 

@@ -39,11 +39,11 @@ def degrade(items: torch.Tensor, seeds: torch.Tensor, strength: float) -> torch.
     x = x[:, 0]                                                                    # (N, 28, 28)
     box = round(20 * strength)
     if box:
-        r = torch.arange(SIDE)
+        r = torch.arange(SIDE, device=items.device)
         y0 = (uniform(seeds, 1) * (SIDE - box + 1)).long()[:, None]
         x0 = (uniform(seeds, 2) * (SIDE - box + 1)).long()[:, None]
         inside = (((r >= y0) & (r < y0 + box))[:, :, None] & ((r >= x0) & (r < x0 + box))[:, None, :])
         x = x.masked_fill(inside, 0.0)
-    pixels = seeds[:, None] * (SIDE * SIDE) + torch.arange(SIDE * SIDE)            # (N, 784) a seed per pixel
+    pixels = seeds[:, None] * (SIDE * SIDE) + torch.arange(SIDE * SIDE, device=items.device)  # (N, 784) per pixel
     noise = (uniform(pixels, 3) * 2 - 1).view(n, SIDE, SIDE) * (96 * strength)
     return (x + noise).round_().clamp_(0, 255).to(torch.uint8)

@@ -41,8 +41,12 @@ class Split:
         return len(self.labels)
 
     def subset(self, index) -> "Split":
-        index = torch.as_tensor(index)
+        index = torch.as_tensor(index, device=self.images.device)
         return Split(self.images[index], self.labels[index])
+
+    def to(self, device: torch.device | str) -> "Split":
+        """This split with its items and labels on `device` (once per run: the batches are then gathered there)."""
+        return Split(self.images.to(device), self.labels.to(device))
 
 
 def _path_in(folder: Path, name: str) -> Path | None:

@@ -23,7 +23,8 @@ class Source(Protocol):
 
 class ItemSource:
     """Single items of a split: {'image': (B, 28, 28) uint8, 'label': (B,) int64}. With `degrade`, every item
-    is corrupted (data.degrade): the same way each time for a fixed source, afresh per batch for training."""
+    is corrupted (data.degrade): the same way each time for a fixed source, afresh per batch for training.
+    Batches are made on the split's device (Split.to); orders and random draws stay on the CPU."""
 
     def __init__(self, split: Split, seed: int = 0, augment: Augment | None = None, degrade: float = 0.0,
                  fixed: bool = True):
@@ -39,13 +40,15 @@ class ItemSource:
         return torch.randperm(len(self.split), generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
 
     def batch(self, rows: torch.Tensor, key: int = 0) -> dict[str, torch.Tensor]:
-        images = self.split.images[rows]
+        """The batch of item indices `rows` (CPU, from order()), made on the split's device."""
+        at = rows.to(self.split.images.device)  # only the B indices travel; the items are there already
+        images = self.split.images[at]
         if self.degrade:
             salt = self.seed * 7919 + (0 if self.fixed else key + 1)
-            images = degrade(images, mix(rows * 31 + salt), self.degrade)
+            images = degrade(images, mix(rows * 31 + salt).to(at.device), self.degrade)
         if self.augment is not None:
             images = self.augment(images, key)
-        return {"image": images, "label": self.split.labels[rows]}
+        return {"image": images, "label": self.split.labels[at]}
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
