@@ -169,6 +169,26 @@ def ema_update(decay: float):
     return update
 
 
+def ema_step(ema, model: torch.nn.Module) -> None:
+    """ema.update_parameters(model) with the same arithmetic, without waiting for the device: AveragedModel copies
+    its step count (a CPU tensor) to the device and ema_update's float(n) reads it back, two host syncs a step on a
+    GPU; here the count stays on the host."""
+    averaged = [t.detach() for t in (*ema.module.parameters(), *ema.module.buffers())]
+    current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+    n = int(ema.n_averaged)
+    if n == 0:
+        torch._foreach_copy_(averaged, current)
+    else:
+        groups: dict[tuple, tuple[list, list]] = {}  # AveragedModel's groups: one per device and dtype
+        for a, c in zip(averaged, current, strict=True):
+            group = groups.setdefault((a.device, a.dtype), ([], []))
+            group[0].append(a)
+            group[1].append(c)
+        for a, c in groups.values():
+            ema.multi_avg_fn(a, c, n)
+    ema.n_averaged += 1
+
+
 @dataclass(repr=False)  # its repr would print the model and the data
 class Run:
     """One training run's objects, made by setup(); train_epoch(), evaluate_epoch(), end_epoch(), save() and
@@ -370,7 +390,7 @@ def train_epoch(r: Run, stop: StopSignals) -> dict:
         stopping = stop.agreed(r.world, r.device)
         return stopping is not None
 
-    after_step = (lambda step: r.ema.update_parameters(r.model)) if r.ema is not None else None
+    after_step = (lambda step: ema_step(r.ema, r.model)) if r.ema is not None else None
     try:
         result = train_one_epoch(r.train_model, r.task, r.optimizer, r.scheduler, bar or train_batches,
                                  device=r.device, amp=r.amp, grad_clip=cfg.optim.grad_clip,

@@ -150,16 +150,29 @@ def test_a_window_that_does_not_divide_the_epoch_logs_every_step_and_matches_log
     assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
 
 
-def test_ema_is_updated_every_step(fake_root, tmp_path, monkeypatch):
-    calls = []
+def test_ema_step_is_averaged_models_update_without_the_device_round_trip():
     from torch.optim.swa_utils import AveragedModel
-    real = AveragedModel.update_parameters
-    monkeypatch.setattr(AveragedModel, "update_parameters", lambda self, m: calls.append(1) or real(self, m))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))  # a float and an integer buffer too
+    ours = AveragedModel(model, multi_avg_fn=train.ema_update(0.9), use_buffers=True)
+    theirs = AveragedModel(model, multi_avg_fn=train.ema_update(0.9), use_buffers=True)
+    for _ in range(4):
+        model(torch.randn(5, 3))  # moves batch norm's running stats and step count
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        train.ema_step(ours, model)
+        theirs.update_parameters(model)
+    assert int(ours.n_averaged) == int(theirs.n_averaged) == 4
+    for (name, a), b in zip(ours.module.state_dict().items(), theirs.module.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_ema_is_updated_every_step(fake_root, tmp_path):
     cfg = compose_config(["task=cnn", *tiny(fake_root, "trainer.ema=0.9", "trainer.epochs=1")])  # cnn has an EMA
     r = train.setup(cfg, tmp_path / "run")
     with train.StopSignals() as stop:
         train.train_epoch(r, stop)
-    assert len(calls) == 10 and int(r.ema.n_averaged) == 10
-    assert r.eval_model is r.ema.module
+    assert int(r.ema.n_averaged) == 10 and r.eval_model is r.ema.module
     assert not all(torch.equal(a, b) for a, b in zip(r.model.parameters(), r.ema.module.parameters()))
     r.writer.close()
