@@ -50,9 +50,10 @@ def keep_freed_memory() -> bool:
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    if device.type == "cpu":
-        return batch
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    """The batch on `device`: a tensor already on that kind of device (data made there, build.sources(device=))
+    as it is, a CPU one through pinned memory without waiting (pin_memory refuses a CUDA tensor)."""
+    return {k: v if v.device.type == device.type else v.pin_memory().to(device, non_blocking=True)
+            for k, v in batch.items()}
 
 
 def resolve_amp(setting: bool | None, device: torch.device) -> bool:

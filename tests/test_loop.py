@@ -77,6 +77,18 @@ def test_the_window_changes_nothing_but_when_python_sees_the_losses():
     assert all(torch.equal(a, b) for a, b in zip(weights(model_1), weights(model_5)))
 
 
+def test_the_host_reads_tensors_only_at_syncs(monkeypatch):
+    """What makes a GPU wait (item, tolist, float/int/bool of a tensor) happens at the syncs only: 12 steps with
+    log_every=4 read the losses and the mean stat 3 times each."""
+    reads = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name: reads.append(_name)
+                            or _real(self, *a))
+    _, _, syncs, _ = fit(data(12), log_every=4)
+    assert len(syncs) == 3 and sorted(reads) == ["item"] * 3 + ["tolist"] * 3
+
+
 def test_on_sync_can_stop_at_a_sync():
     _, _, _, result = fit(data(8), log_every=2, on_sync=lambda step, *_: step == 4)
     assert result["stopped"] and result["steps"] == 4 and result["step"] == 4
@@ -111,6 +123,14 @@ def test_a_later_finite_step_does_not_clear_the_flag():
     model, _, _, exc = fit(data(8), nan_at=2, log_every=8)
     assert exc.step == 2
     assert all(torch.equal(a, b) for a, b in zip(weights(model), weights(before)))
+
+
+def test_a_batch_already_on_the_device_is_used_as_it_is():
+    """Data made on the training device (build.sources(device=)) is not copied again: pin_memory would refuse it."""
+    on_device = {"image": torch.empty(2, 3, device="meta")}
+    assert engine.to_device(on_device, torch.device("meta"))["image"] is on_device["image"]
+    on_cpu = {"image": torch.zeros(2)}
+    assert engine.to_device(on_cpu, CPU)["image"] is on_cpu["image"]
 
 
 def test_log_every_is_checked():
