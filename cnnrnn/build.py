@@ -106,7 +106,8 @@ def optimizer(cfg: Config, net: nn.Module, steps_per_epoch: int):
         # One fused kernel for the whole update (CPU and CUDA, torch >= 2.4): measurably faster per step.
         opt = torch.optim.AdamW(groups, lr=o.lr, fused=True)
     else:
-        opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=True, foreach=True)
+        # fused too: like fused AdamW it honours optimizer.found_inf, the loop's on-device guard against NaN.
+        opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=True, fused=True)
     total = max(1, cfg.trainer.epochs * steps_per_epoch)
     warmup = int(o.warmup_epochs * steps_per_epoch)
 

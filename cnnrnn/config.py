@@ -36,6 +36,7 @@ class Trainer:
     compile: bool = False         # torch.compile the model
     ema: typing.Optional[float] = None     # decay of an exponential moving average of the weights, evaluated
     ckpt_every: int = 0           # also write last.pt every N steps (0: at epoch ends only)
+    log_every: int = 10           # losses reach the host (log, bar, stop check, NaN check) every N steps; 1 = each
     progress: bool = True         # a progress bar per epoch
 
 
@@ -182,6 +183,7 @@ def validate(cfg: Config) -> Config:
     _require(t.threads is None or t.threads >= 1, f"trainer.threads={t.threads} must be at least 1 or null.")
     _require(t.ema is None or 0 < t.ema < 1, f"trainer.ema={t.ema} must be a decay in (0, 1) or null.")
     _require(t.ckpt_every >= 0, f"trainer.ckpt_every={t.ckpt_every} must be 0 (off) or a number of steps.")
+    _require(t.log_every >= 1, f"trainer.log_every={t.log_every} must be a number of steps, at least 1.")
     _require(o.name in ("adamw", "sgd"), f"optim.name={o.name!r} must be adamw or sgd.")
     _require(o.lr > 0, f"optim.lr={o.lr} must be greater than 0.")
     _require(0 <= o.momentum < 1 and (o.momentum > 0 or o.name != "sgd"), f"optim.momentum={o.momentum} must be "

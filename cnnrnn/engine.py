@@ -50,9 +50,10 @@ def keep_freed_memory() -> bool:
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    if device.type == "cpu":
-        return batch
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    """The batch on `device`: a tensor already on that kind of device (data made there, build.sources(device=))
+    as it is, a CPU one through pinned memory without waiting (pin_memory refuses a CUDA tensor)."""
+    return {k: v if v.device.type == device.type else v.pin_memory().to(device, non_blocking=True)
+            for k, v in batch.items()}
 
 
 def resolve_amp(setting: bool | None, device: torch.device) -> bool:
@@ -75,43 +76,93 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
+def guards_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` skips an update on the device when its `found_inf` attribute is 1, as GradScaler uses it:
+    torch's fused optimizers do (AdamW, Adam, SGD, Adagrad); the foreach and for-loop ones refuse the attribute."""
+    return bool(getattr(optimizer, "defaults", {}).get("fused"))
+
+
 def train_one_epoch(model: nn.Module, task, optimizer: torch.optim.Optimizer, scheduler, batches: Iterable[dict],
                     *, device: torch.device, amp: bool = False, grad_clip: float | None = None, first_step: int = 0,
-                    on_step: Callable[[int, float, dict, int], bool] | None = None) -> dict:
-    """Train over `batches`. on_step(global_step, loss, stats, batch_size) may return True to stop early
-    (an interrupt). Raises NonFiniteLoss before an update is applied with a NaN or infinite loss."""
+                    log_every: int = 1, sync_at: Callable[[int], bool] | None = None,
+                    after_step: Callable[[int], None] | None = None,
+                    on_sync: Callable[[int, list[float], dict, int], bool] | None = None) -> dict:
+    """Train over `batches`, queuing step after step without waiting for the device.
+
+    The losses and stats stay on the device and reach Python only at a sync: every `log_every` global steps, at a
+    step where sync_at(step) is true (a checkpoint is due) and after the last batch. There
+    on_sync(step, losses, stats, samples) gets the per-step losses of the steps since the last sync (the last one
+    is `step`), their mean stats and the number of samples they saw; it may return True to stop (an interrupt).
+    after_step(step) runs after every update, with no host values (the EMA).
+
+    A NaN or infinite loss never reaches the weights. With a fused optimizer a flag on the device
+    (optimizer.found_inf) skips that update, and every later one up to the sync, which raises NonFiniteLoss with the
+    first bad step: the weights are those before it. With any other optimizer each loss is checked on the host
+    before its update (a sync per step).
+    """
     model.train()
+    distributed = dist.is_available() and dist.is_initialized()
+    guard = guards_on_device(optimizer)
+    found_inf = torch.zeros((), device=device) if guard else None  # sticky: 1 from the first bad step on
     step, total, count, stopped = first_step, 0.0, 0, False
+    losses, stats_seen, samples = [], {}, 0  # the window since the last sync, on the device
     data_s, batches = 0.0, iter(batches)
-    while True:
-        t0 = time.perf_counter()
-        batch = next(batches, None)  # the data path: gathers, composites, augmentation
-        data_s += time.perf_counter() - t0
-        if batch is None:
-            break
-        batch = to_device(batch, device)
-        with autocast(device, amp):
-            loss, stats = task.loss(model, batch)
-        value = loss.detach()
-        if dist.is_available() and dist.is_initialized():  # every rank sees the same (global) loss
-            dist.all_reduce(value)
-            value /= dist.get_world_size()
-        value = value.item()
-        if not math.isfinite(value):
-            raise NonFiniteLoss(step + 1, value)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        total += value
-        count += 1
-        stats = {k: float(v) for k, v in stats.items()}
-        if on_step is not None and on_step(step, value, stats, len(next(iter(batch.values())))):
+
+    def sync() -> bool:
+        nonlocal total, losses, stats_seen, samples
+        values = torch.stack(losses).tolist()  # the one wait for the device in a window
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:
+            raise NonFiniteLoss(step - len(values) + 1 + bad, values[bad])
+        for v in values:
+            total += v
+        means = {k: torch.stack(vs).float().mean().item() for k, vs in stats_seen.items()}
+        stop = on_sync is not None and on_sync(step, values, means, samples)
+        losses, stats_seen, samples = [], {}, 0
+        return bool(stop)
+
+    if guard:
+        optimizer.found_inf = found_inf
+    try:
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)  # the data path: gathers, composites, augmentation
+            data_s += time.perf_counter() - t0
+            if batch is None:
+                break
+            batch = to_device(batch, device)
+            with autocast(device, amp):
+                loss, stats = task.loss(model, batch)
+            value = loss.detach()
+            if distributed:  # every rank sees the same (global) loss, so every rank skips the same steps
+                dist.all_reduce(value)
+                value /= dist.get_world_size()
+            if guard:
+                found_inf.masked_fill_(~torch.isfinite(value), 1.0)
+            elif not math.isfinite(host := value.item()):
+                raise NonFiniteLoss(step + 1, host)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()  # skipped on the device (step count too) once found_inf is 1
+            scheduler.step()
+            step += 1
+            count += 1
+            losses.append(value)
+            for k, v in stats.items():
+                stats_seen.setdefault(k, []).append(torch.as_tensor(v).detach())
+            samples += len(next(iter(batch.values())))
+            if after_step is not None:
+                after_step(step)
+            if (step % log_every == 0 or (sync_at is not None and sync_at(step))) and sync():
+                stopped = True
+                break
+        if losses and sync():
             stopped = True
-            break
+    finally:
+        if guard:
+            del optimizer.found_inf
     return {"loss": total / max(count, 1), "steps": count, "step": step, "stopped": stopped, "data_s": data_s}
 
 

@@ -137,7 +137,7 @@ def test_the_decoder_learns_tiny_synthetic_composites():
     torch.set_num_threads(1)  # tiny ops: more threads only add contention on a shared machine (36 s instead of 2)
     try:
         engine.train_one_epoch(model, task, optimizer, scheduler, batches(train_src, 32, epoch=0, drop_last=True),
-                               device=torch.device("cpu"), on_step=lambda s, loss, st, n: losses.append(loss) and False)
+                               device=torch.device("cpu"), on_sync=lambda s, window, st, n: losses.extend(window))
     finally:
         torch.set_num_threads(threads)
     assert len(losses) == 100
