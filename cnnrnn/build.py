@@ -209,7 +209,7 @@ def probe(cfg: Config) -> None:
             warnings.simplefilter("ignore")
             net = model(cfg)
         optimizer(cfg, net, 1)
-        side = 28 * (1 if cfg.kind == "single" else min(cfg.data.grid, 2))  # the cell arithmetic, not the memory
+        side = 28 * (1 if cfg.kind == "single" else min(*cfg.data.grids, 2))  # the cell arithmetic, not the memory
         x = torch.zeros(2, 1, side, side)
         with torch.no_grad():
             net.eval()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnrnn import build, predict
+from cnnrnn import build, cli, predict
 from cnnrnn.cli import compose_config
 from cnnrnn.config import from_dict
 from cnnrnn.data.composite import CompositeSource, MixedGridSource
@@ -122,3 +122,11 @@ def test_mixed_grid_batches_are_each_one_size_and_replay_exactly(fake_root):
     assert all(a.shape == b.shape for a, b in zip(*ranks))              # every rank's share is the same size
     other = [b["image"].shape for b in batches(src, 20, epoch=2, drop_last=True)]
     assert other != sizes                                                # sizes are redrawn each epoch
+
+
+def test_the_mixed_grid_command_passes_the_checks_before_training(tmp_path):
+    # the README's command: the model probe once compared an int with the list data.grid=[2,3]
+    argv = cli.check_command_line(["task=multilabel", "data.grid=[2,3]", "data.max_items=9",
+                                   f"hydra.run.dir={tmp_path / 'run'}"])
+    assert "data.grid=[2,3]" in argv
+    build.probe(compose_config(["task=multilabel", "data.grid=[3,2]"]))
