@@ -191,6 +191,38 @@ def evaluate(model: nn.Module, task, batches: Iterable[dict], *, device: torch.d
     return result, out, target
 
 
+def ema_update(decay: float):
+    """In-place EMA update for AveragedModel, with the usual warm-up: the decay grows as (1+n)/(10+n)
+    up to `decay`, so the average follows the fast early changes instead of lagging epochs behind."""
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n) -> None:
+        d = min(decay, (1 + float(n)) / (10 + float(n)))
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1 - d)
+        else:  # integer buffers (batch norm's step count) are copied
+            torch._foreach_copy_(averaged, current)
+    return update
+
+
+def ema_step(ema, model: torch.nn.Module) -> None:
+    """ema.update_parameters(model) with the same arithmetic, without waiting for the device: AveragedModel copies
+    its step count (a CPU tensor) to the device and ema_update's float(n) reads it back, two host syncs a step on a
+    GPU; here the count stays on the host."""
+    averaged = [t.detach() for t in (*ema.module.parameters(), *ema.module.buffers())]
+    current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+    n = int(ema.n_averaged)
+    if n == 0:
+        torch._foreach_copy_(averaged, current)
+    else:
+        groups: dict[tuple, tuple[list, list]] = {}  # AveragedModel's groups: one per device and dtype
+        for a, c in zip(averaged, current, strict=True):
+            group = groups.setdefault((a.device, a.dtype), ([], []))
+            group[0].append(a)
+            group[1].append(c)
+        for a, c in groups.values():
+            ema.multi_avg_fn(a, c, n)
+    ema.n_averaged += 1
+
+
 # --- checkpoints --------------------------------------------------------------------------------------------
 
 def rng_state() -> dict:

@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import platform
-import random
 import shutil
 import signal
 import sys
@@ -20,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -28,51 +26,14 @@ from cnnrnn import build, cli, report, viz
 from cnnrnn.config import Config, from_dict
 from cnnrnn.data import fashion_mnist, scene
 from cnnrnn.data.loader import batches, num_batches
-from cnnrnn.engine import (NonFiniteLoss, keep_freed_memory, load_checkpoint, resolve_amp, rng_state, save_checkpoint,
-                           set_rng_state, train_one_epoch)
+from cnnrnn.engine import (NonFiniteLoss, ema_step, ema_update, keep_freed_memory, load_checkpoint, resolve_amp,
+                           save_checkpoint, train_one_epoch)
 from cnnrnn.errors import UserError
 from cnnrnn.models import count_params
+from cnnrnn.ranks import (Stopped, StopSignals, gather_rng, init_distributed, pick_device, rank_seed, restore_rng,
+                           seed_everything)
 
 log = logging.getLogger("cnnrnn")
-
-
-class Stopped(Exception):
-    """SIGINT or SIGTERM arrived where there is no loop to check a flag (the final evaluation)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-class StopSignals:
-    """Turn SIGINT/SIGTERM into a flag the loop checks after each step, or with `at_once` into Stopped raised
-    where the code is; a second signal kills at once."""
-
-    def __init__(self, at_once: bool = False):
-        self.signum, self.at_once = None, at_once
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-        signal.signal(signum, signal.SIG_DFL)
-        if self.at_once:
-            raise Stopped(signum)
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def agreed(self, world: int, device: torch.device) -> int | None:
-        """The signal any rank has got, the same answer on every rank, so all stop at the same step instead of
-        one waiting forever in the next all_reduce. One process: just the flag, no collective."""
-        if world == 1:
-            return self.signum
-        flag = torch.tensor([self.signum or 0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item()) or None
 
 
 class NullWriter:
@@ -80,35 +41,6 @@ class NullWriter:
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu.")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device(name)
-
-
-def init_distributed(device: torch.device, enabled: bool = True) -> tuple[int, int]:
-    """(rank, world size): torchrun's environment, gloo on CPU, nccl on CUDA; (0, 1) without torchrun or
-    when not `enabled` (the tile oracle, trained by rank 0 alone after the group is gone)."""
-    world = int(os.environ.get("WORLD_SIZE", "1")) if enabled else 1
-    if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def leave_rank() -> None:
@@ -123,70 +55,12 @@ def leave_rank() -> None:
     os._exit(0)
 
 
-def rank_seed(seed: int, rank: int, step: int = 0) -> int:
-    """The seed of one rank's dropout masks and label-order draws: rank 0 keeps the run seed (a one-process run
-    is unchanged), the others get streams of their own derived from (seed, rank) and, on a resume that has no
-    saved state for them, the step."""
-    if rank == 0 and step == 0:
-        return seed
-    return int(np.random.SeedSequence([seed % 2**64, rank, step]).generate_state(1)[0])
-
-
-def gather_rng(world: int) -> list[dict]:
-    """Every rank's RNG states (rank order), so a resumed data-parallel run draws as the uninterrupted one."""
-    if world == 1:
-        return [rng_state()]
-    states = [None] * world
-    dist.all_gather_object(states, rng_state())
-    return states
-
-
-def restore_rng(saved: dict, rank: int) -> None:
-    states = saved.get("rng_ranks") or [saved["rng"]]
-    if rank < len(states):
-        set_rng_state(states[rank])
-    else:  # resumed on more ranks than saved: a fresh stream, still distinct per rank and step
-        seed_everything(rank_seed(saved["config"]["seed"], rank, saved["global_step"]))
-
-
 def _flat_hparams(cfg: Config) -> dict:
     flat = {"task": cfg.task, "seed": cfg.seed, **{f"trainer.{k}": v for k, v in vars(cfg.trainer).items()},
             **{f"optim.{k}": v for k, v in vars(cfg.optim).items()},
             **{f"data.{k}": v for k, v in vars(cfg.data).items() if k not in ("root",)},
             **{f"model.{k}": v for k, v in cfg.model.items()}, "eval.tta": cfg.eval.tta}
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat.items()}
-
-
-def ema_update(decay: float):
-    """In-place EMA update for AveragedModel, with the usual warm-up: the decay grows as (1+n)/(10+n)
-    up to `decay`, so the average follows the fast early changes instead of lagging epochs behind."""
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n) -> None:
-        d = min(decay, (1 + float(n)) / (10 + float(n)))
-        if averaged[0].is_floating_point():
-            torch._foreach_lerp_(averaged, current, 1 - d)
-        else:  # integer buffers (batch norm's step count) are copied
-            torch._foreach_copy_(averaged, current)
-    return update
-
-
-def ema_step(ema, model: torch.nn.Module) -> None:
-    """ema.update_parameters(model) with the same arithmetic, without waiting for the device: AveragedModel copies
-    its step count (a CPU tensor) to the device and ema_update's float(n) reads it back, two host syncs a step on a
-    GPU; here the count stays on the host."""
-    averaged = [t.detach() for t in (*ema.module.parameters(), *ema.module.buffers())]
-    current = [t.detach() for t in (*model.parameters(), *model.buffers())]
-    n = int(ema.n_averaged)
-    if n == 0:
-        torch._foreach_copy_(averaged, current)
-    else:
-        groups: dict[tuple, tuple[list, list]] = {}  # AveragedModel's groups: one per device and dtype
-        for a, c in zip(averaged, current, strict=True):
-            group = groups.setdefault((a.device, a.dtype), ([], []))
-            group[0].append(a)
-            group[1].append(c)
-        for a, c in groups.values():
-            ema.multi_avg_fn(a, c, n)
-    ema.n_averaged += 1
 
 
 @dataclass(repr=False)  # its repr would print the model and the data

@@ -174,14 +174,14 @@ def test_ema_step_is_averaged_models_update_without_the_device_round_trip():
     from torch.optim.swa_utils import AveragedModel
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))  # a float and an integer buffer too
-    ours = AveragedModel(model, multi_avg_fn=train.ema_update(0.9), use_buffers=True)
-    theirs = AveragedModel(model, multi_avg_fn=train.ema_update(0.9), use_buffers=True)
+    ours = AveragedModel(model, multi_avg_fn=engine.ema_update(0.9), use_buffers=True)
+    theirs = AveragedModel(model, multi_avg_fn=engine.ema_update(0.9), use_buffers=True)
     for _ in range(4):
         model(torch.randn(5, 3))  # moves batch norm's running stats and step count
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
-        train.ema_step(ours, model)
+        engine.ema_step(ours, model)
         theirs.update_parameters(model)
     assert int(ours.n_averaged) == int(theirs.n_averaged) == 4
     for (name, a), b in zip(ours.module.state_dict().items(), theirs.module.state_dict().values()):

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from cnnrnn import engine, train
+from cnnrnn import engine, ranks
 from cnnrnn.data.augment import Augment
 from cnnrnn.data.composite import CompositeSource
 from cnnrnn.data.fashion_mnist import Split
@@ -63,12 +63,12 @@ def test_each_ranks_items_get_their_own_augmentation():
 
 
 def test_rank_seeds_keep_rank_zero_and_differ_per_rank():
-    assert train.rank_seed(7, 0) == 7  # a one-process run draws exactly as before
-    seeds = {train.rank_seed(7, r) for r in range(4)} | {train.rank_seed(8, r) for r in range(4)}
-    assert len(seeds) == 8 and train.rank_seed(7, 1) == train.rank_seed(7, 1)
+    assert ranks.rank_seed(7, 0) == 7  # a one-process run draws exactly as before
+    seeds = {ranks.rank_seed(7, r) for r in range(4)} | {ranks.rank_seed(8, r) for r in range(4)}
+    assert len(seeds) == 8 and ranks.rank_seed(7, 1) == ranks.rank_seed(7, 1)
     masks = []
     for r in (0, 1):
-        train.seed_everything(train.rank_seed(7, r))
+        ranks.seed_everything(ranks.rank_seed(7, r))
         masks.append(F.dropout(torch.ones(1000), 0.5))
     assert not torch.equal(*masks)
 
@@ -76,16 +76,16 @@ def test_rank_seeds_keep_rank_zero_and_differ_per_rank():
 def test_a_resumed_rank_gets_back_its_own_generators():
     states = []
     for r in (0, 1):
-        train.seed_everything(train.rank_seed(3, r))
+        ranks.seed_everything(ranks.rank_seed(3, r))
         states.append(rng_state())
     expected = torch.rand(3), random.random(), np.random.rand()  # rank 1's next draws
     saved = {"rng": states[0], "rng_ranks": states, "config": {"seed": 3}, "global_step": 10}
-    train.restore_rng(saved, 1)
+    ranks.restore_rng(saved, 1)
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
     assert np.random.rand() == expected[2]
-    train.restore_rng(saved, 2)  # a rank the checkpoint has no state for: its own fresh stream
+    ranks.restore_rng(saved, 2)  # a rank the checkpoint has no state for: its own fresh stream
     third = torch.rand(3)
-    train.restore_rng(saved, 0)
+    ranks.restore_rng(saved, 0)
     assert not torch.equal(third, torch.rand(3))
 
 
@@ -94,7 +94,7 @@ def test_a_resumed_rank_gets_back_its_own_generators():
 def _agree(rank: int, world: int, store: str, out) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        stop = train.StopSignals()
+        stop = ranks.StopSignals()
         stop.signum = signal.SIGTERM if rank == 1 else None  # only rank 1 was signalled
         out.put((rank, stop.agreed(world, torch.device("cpu"))))
     finally:
@@ -112,7 +112,7 @@ def test_a_stop_signal_on_one_rank_stops_every_rank(tmp_path):
         assert p.exitcode == 0, "a rank did not finish the agreement"
     answers = dict(out.get(timeout=5) for _ in procs)
     assert answers == {0: signal.SIGTERM, 1: signal.SIGTERM}
-    stop = train.StopSignals()
+    stop = ranks.StopSignals()
     assert stop.agreed(1, torch.device("cpu")) is None  # one process: no collective, just the flag
     stop.signum = signal.SIGINT
     assert stop.agreed(1, torch.device("cpu")) == signal.SIGINT
