@@ -59,8 +59,9 @@ def test_a_joblib_sweep_runs_its_jobs_side_by_side_on_a_share_of_the_cores_each(
     env.pop("LOCAL_WORLD_SIZE", None)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    jobs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
+    jobs = sorted(p.parent for p in sweep.glob("*/metrics.json"))  # each job its own folder, named by its overrides
     assert [j.name[:2] for j in jobs] == ["0-", "1-"]
+    assert "seed=0" in jobs[0].name and "seed=1" in jobs[1].name and "task=lstm" in jobs[0].name
     share = max(1, cli.cores() // 2)
     for job in jobs:
         log = (job / "train.log").read_text()

@@ -77,15 +77,3 @@ def test_command_line_on_real_data(tmp_path, task):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test/acc"] > 0.3 and metrics["params"] == {"lstm": 162_574, "cnn": 421_738}[task]
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["config"]["task"] == task
-
-
-@needs_real_data
-def test_hydra_sweep_gives_each_job_its_own_folder(tmp_path):
-    sweep = tmp_path / "sweep"
-    cmd = [PYTHON, "-m", "cnnrnn.train", "-m", "task=cnn", "seed=0,1", "trainer.epochs=1", "data.limit=600",
-           "data.val_size=500", "data.train_eval_size=100", "trainer.progress=false", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    jobs = sorted(p.parent.name for p in sweep.glob("*/metrics.json"))
-    assert len(jobs) == 2 and jobs[0].startswith("0-") and jobs[1].startswith("1-")
-    assert "seed=0" in jobs[0] and "seed=1" in jobs[1] and "task=cnn" in jobs[0]
