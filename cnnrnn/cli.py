@@ -262,6 +262,12 @@ def default_threads(hydra_cfg=None) -> int | None:
     return max(1, cores() // share) if share > 1 else None
 
 
+def remove_rank_scratch() -> None:
+    """Remove the throw-away run dir of a rank other than 0, if this process is one."""
+    if RANK_SCRATCH is not None:
+        shutil.rmtree(RANK_SCRATCH, ignore_errors=True)
+
+
 def job_threads(cfg: Config, hydra_cfg=None) -> int | None:
     """The threads hydra_entry sets for a job: its share of the cores (default_threads), or None when
     trainer.threads is given (an explicit value wins: train.run sets exactly that) or the process runs alone."""
@@ -358,8 +364,7 @@ def hydra_entry(run: Callable[[Config, str], object]) -> None:
         finally:
             if job:
                 job.release()
-            if RANK_SCRATCH is not None:  # a rank other than 0 that stopped (train.leave_rank when it finished)
-                shutil.rmtree(RANK_SCRATCH, ignore_errors=True)
+            remove_rank_scratch()  # a rank other than 0 that stopped (train.leave_rank when it finished)
 
     try:
         _main()

@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import platform
-import shutil
 import signal
 import sys
 import time
@@ -47,8 +46,7 @@ def leave_rank() -> None:
     """End a rank other than 0 once the group is gone, skipping the interpreter's teardown: there gloo's threads
     abort the process now and then (std::terminate, SIGABRT; 9 of 90 two-rank runs of a 20-line script), and
     torchrun answers a failed rank by killing rank 0 in the middle of its test evaluation."""
-    if cli.RANK_SCRATCH is not None:
-        shutil.rmtree(cli.RANK_SCRATCH, ignore_errors=True)
+    cli.remove_rank_scratch()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
