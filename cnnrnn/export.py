@@ -77,7 +77,7 @@ class GreedyDecoder(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.model
         c, end = m.num_classes, m.end
-        feats, keys, state = m.encode(to_input(images), self.tta)
+        feats, keys, state, read = m.encode(to_input(images), self.tta)
         b = images.shape[0]  # a traced size, not len(): the batch stays free in the graph
         tokens = torch.full((b,), m.start, dtype=torch.long)
         emitted = torch.zeros(b, c, dtype=torch.bool)
@@ -87,7 +87,7 @@ class GreedyDecoder(nn.Module):
         end_only = torch.cat([torch.zeros(b, c, dtype=torch.bool), torch.ones(b, 1, dtype=torch.bool)], dim=1)
         out = []
         for t in range(self.limit + 1):
-            logits, state, _ = m.step(tokens, state, feats, keys)
+            logits, state, _ = m.step(tokens, state, feats, keys, read)
             probs = logits.softmax(dim=1)
             scores = torch.where(done[:, None], scores, torch.maximum(scores, probs[:, :c]))
             # no label twice (multiset: any label); once `limit` labels are out, only END (CNNRNN._allowed)

@@ -112,8 +112,8 @@ def test_test_time_flips_average_a_mirrored_encoding():
     torch.manual_seed(0)
     net = build_model("cnn_rnn", channels=(4, 8), convs=1, cell=7, cell_dim=16, embed=8, hidden=16, attn_dim=8).eval()
     x = torch.randn(3, 1, 56, 56)
-    feats, _, _ = net.encode(x)
-    mirrored, _, _ = net.encode(x.flip(-1))
-    both, _, _ = net.encode(x, flip=True)
+    feats, _, _, _ = net.encode(x)
+    mirrored, _, _, _ = net.encode(x.flip(-1))
+    both, _, _, _ = net.encode(x, flip=True)
     # (B, L=4, D): mirroring the canvas swaps the left and right cells of each row
     assert torch.allclose(both, (feats + mirrored[:, [1, 0, 3, 2]]) / 2, atol=1e-5)

@@ -17,6 +17,8 @@ from cnnrnn.data.fashion_mnist import CLASSES, splits
 from cnnrnn.data.loader import batches
 from cnnrnn.engine import load_checkpoint, save_checkpoint
 from cnnrnn.errors import UserError
+from cnnrnn.models import build_model
+from cnnrnn.tasks import to_input
 from cnnrnn.evaluate import evaluate_checkpoint
 
 END = len(CLASSES)
@@ -60,6 +62,35 @@ def test_grid2_model_decodes_one_label_per_cell_of_a_grid3_tensor(fake_root, tmp
     assert (out["pred"].sum(1) == 9).all()                              # END never likely: one label per cell
     task.max_items = 5
     assert (task.predict(model, {"image": images})["pred"].sum(1) == 5).all()
+
+
+def test_on_a_larger_picture_the_decoder_reads_the_occupied_cells_and_only_enough_empty_ones():
+    torch.manual_seed(0)
+    net = build_model("cnn_rnn", channels=(4, 8), convs=1, cell=7, cell_dim=16, embed=8, hidden=16, attn_dim=8,
+                      max_labels=4).eval()                            # trained on 2x2: 4 cells
+    images = torch.zeros(3, 84, 84, dtype=torch.uint8)
+
+    def fill(i, cell, high=256):
+        r, c = divmod(cell, 3)
+        images[i, 28 * r: 28 * r + 28, 28 * c: 28 * c + 28] = torch.randint(0, high, (28, 28), dtype=torch.uint8)
+
+    for cell in (1, 5):
+        fill(0, cell)
+    for cell in range(6):
+        fill(1, cell)
+    fill(2, 4)
+    fill(2, 0, high=3)                                  # a faint speck of noise: still an empty cell
+    read = net.cells_read(to_input(images), 3, 3)
+    cells = lambda *on: [i in on for i in range(9)]    # noqa: E731
+    assert read[0].tolist() == cells(0, 1, 2, 5)        # the 2 items and the first 2 empty cells: 4 in all
+    assert read[1].tolist() == cells(*range(6))         # more items than 4 cells: every item, no empty cell
+    assert read[2].tolist() == cells(0, 1, 2, 4)
+    assert net.cells_read(to_input(images[:, :56, :56]), 2, 2) is None           # the training size: all
+    out = net.generate(to_input(images), max_labels=9)
+    alpha = out["alpha"][:, :1]                                                   # (3, 1, 9): the first step
+    assert (alpha[~read[:, None]] == 0).all() and torch.allclose(alpha.sum(-1), torch.ones(3, 1))
+    patches = build_model("cnn_rnn", channels=(4, 8), convs=1, cell=0, embed=8, hidden=16, attn_dim=8)
+    assert patches.cells_read(to_input(images), 21, 21) is None   # positions are patches, not cells
 
 
 def test_predict_reads_any_multiple_of_28_and_refuses_other_sizes(fake_root, tmp_path, capsys):

@@ -15,6 +15,8 @@ from torch import nn
 from cnnrnn.models.cnn import ConvEncoder, FastDropout
 
 Teacher = Callable[[int, torch.Tensor], torch.Tensor]  # (step, logits (B, C+1)) -> next tokens (B,)
+# A cell whose pixels span less than this (normalised input: about 9 of 255 grey levels) is empty.
+EMPTY_TONE = 0.1
 
 
 def _follow(t: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
@@ -35,7 +37,9 @@ class CNNRNN(nn.Module):
             raise ValueError(f"target must be 'set' or 'multiset', got {target!r}")
         self.multiset = target == "multiset"
         self.num_classes, self.end, self.start = num_classes, num_classes, num_classes + 1
+        # max_labels is one label per cell of the largest training picture: also that picture's number of cells
         self.attention, self.beam_size, self.max_labels = attention, beam_size, max_labels
+        self.per_cell = cell > 0     # with cell=0 the map's positions are 4x4-pixel patches, not items' cells
         # feedback=False is the ablation: every step is fed the same (START) embedding instead of the label it
         # emitted before, so the decoder still attends step by step but never sees its own outputs.
         self.feedback = feedback
@@ -54,27 +58,50 @@ class CNNRNN(nn.Module):
         self.drop_embed = FastDropout(embed_dropout)
         self.out = nn.Linear(hidden + feat, num_classes + 1)
 
-    def encode(self, x: torch.Tensor, flip: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Features (B, L, D), their attention keys (B, L, A) and the initial LSTM state. With `flip`, the
-        features of the mirrored image are averaged in (test-time flips): mirroring the canvas mirrors every
-        item and the cell order, so flipping its map back lines each cell up with the original's."""
+    def encode(self, x: torch.Tensor, flip: bool = False):
+        """Features (B, L, D), their attention keys (B, L, A), the initial LSTM state and the cells read (B, L)
+        bool (None: all; see `cells_read`). With `flip`, the features of the mirrored image are averaged in
+        (test-time flips): mirroring the canvas mirrors every item and the cell order, so flipping its map back
+        lines each cell up with the original's."""
         fmap = self.encoder(x)                                   # (B, D, h, w)
         if flip:
             fmap = (fmap + self.encoder(x.flip(-1)).flip(-1)) / 2
         feats = fmap.flatten(2).transpose(1, 2)                  # (B, D, h, w) -> (B, L=h*w, D)
-        mean = feats.mean(dim=1)                                 # (B, D)
+        read = self.cells_read(x, *fmap.shape[-2:])
+        if read is None:
+            mean = feats.mean(dim=1)                             # (B, D)
+        else:
+            mean = (feats * read[..., None]).sum(1) / read.sum(1, keepdim=True)
         keys = self.attn_feat(feats) if self.attention else feats
-        return feats, keys, (torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)))
+        return feats, keys, (torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))), read
 
-    def step(self, tokens: torch.Tensor, state, feats: torch.Tensor, keys: torch.Tensor):
-        """One decoding step: logits (B, C+1), the new state and the attention weights (B, L)."""
+    def cells_read(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor | None:
+        """On a picture of more cells than the largest training picture, the cells the decoder reads (B, L):
+        every occupied one and, of the empty ones (one flat tone), the first in reading order, as many as make
+        up the training picture's number of cells. None (all) on a picture of at most that many cells.
+
+        The decoder learned when to say END on pictures of `max_labels` cells: with the surplus empty cells of
+        a larger picture in its mean and its attention, it stopped early (README, Larger grids)."""
+        if not self.per_cell or h * w <= self.max_labels:
+            return None
+        cells = x.unflatten(2, (h, -1)).unflatten(4, (w, -1))   # (B, 1, H, W) -> (B, 1, h, H/h, w, W/w)
+        tone = cells.amax(dim=(1, 3, 5)) - cells.amin(dim=(1, 3, 5))                # (B, h, w)
+        empty = (tone < EMPTY_TONE).flatten(1)                                       # (B, L)
+        spare = (self.max_labels - (~empty).sum(1, keepdim=True)).clamp(min=0)       # (B, 1)
+        return ~empty | (empty.cumsum(1) <= spare)
+
+    def step(self, tokens: torch.Tensor, state, feats: torch.Tensor, keys: torch.Tensor,
+             read: torch.Tensor | None = None):
+        """One decoding step: logits (B, C+1), the new state and the attention weights (B, L), zero on the
+        cells not read."""
         h, c = state
         if self.attention:
-            scores = self.attn_score(torch.tanh(keys + self.attn_hidden(h)[:, None]))  # (B, L, 1)
-            alpha = scores.squeeze(-1).softmax(dim=1)                                  # (B, L)
+            scores = self.attn_score(torch.tanh(keys + self.attn_hidden(h)[:, None])).squeeze(-1)  # (B, L)
         else:
-            alpha = feats.new_full(feats.shape[:2], 1.0 / feats.shape[1])
+            scores = feats.new_zeros(feats.shape[:2])            # no attention: the mean of the cells read
+        if read is not None:
+            scores = scores.masked_fill(~read, float("-inf"))
+        alpha = scores.softmax(dim=1)                                                           # (B, L)
         context = self.drop_context(torch.bmm(alpha[:, None], feats).squeeze(1))  # (B, 1, L) @ (B, L, D) -> (B, D)
         if not self.feedback:
             tokens = torch.full_like(tokens, self.start)
@@ -85,12 +112,12 @@ class CNNRNN(nn.Module):
     def forward(self, x: torch.Tensor, teacher: torch.Tensor | Teacher, steps: int | None = None) -> torch.Tensor:
         """Teacher-forced logits (B, T, C+1). `teacher` is the target tokens (B, T), fed back shifted by
         one, or a function choosing each step's target from that step's logits (orderless training)."""
-        feats, keys, state = self.encode(x)
+        feats, keys, state, read = self.encode(x)
         steps = teacher.shape[1] if isinstance(teacher, torch.Tensor) else steps
         tokens = torch.full((len(x),), self.start, dtype=torch.long, device=x.device)
         logits = []
         for t in range(steps):
-            step_logits, state, _ = self.step(tokens, state, feats, keys)
+            step_logits, state, _ = self.step(tokens, state, feats, keys, read)
             logits.append(step_logits)
             target = teacher[:, t] if isinstance(teacher, torch.Tensor) else teacher(t, step_logits)
             tokens = target.clamp(min=0)  # padding (-100) after END is never scored; feed any valid token
@@ -124,7 +151,7 @@ class CNNRNN(nn.Module):
         return out
 
     def _greedy(self, x: torch.Tensor, encoded=None, limit: int | None = None) -> dict[str, torch.Tensor]:
-        feats, keys, state = encoded or self.encode(x)
+        feats, keys, state, read = encoded or self.encode(x)
         b, c, limit = len(x), self.num_classes, limit or self.max_labels
         tokens = torch.full((b,), self.start, dtype=torch.long, device=x.device)
         counts = torch.zeros(b, c, dtype=torch.long, device=x.device)
@@ -132,7 +159,7 @@ class CNNRNN(nn.Module):
         scores = torch.zeros(b, c, device=x.device)
         out, alphas = [], []
         for t in range(limit + 1):
-            logits, state, alpha = self.step(tokens, state, feats, keys)
+            logits, state, alpha = self.step(tokens, state, feats, keys, read)
             probs = logits.float().softmax(dim=1)
             scores = torch.where(done[:, None], scores, torch.maximum(scores, probs[:, :c]))
             tokens = logits.masked_fill(~self._allowed(counts, t, limit), float("-inf")).argmax(dim=1)
@@ -147,14 +174,14 @@ class CNNRNN(nn.Module):
                 "alpha": torch.stack(alphas, 1)}
 
     def _beam(self, x: torch.Tensor, k: int, encoded=None, limit: int | None = None) -> dict[str, torch.Tensor]:
-        feats, keys, (h, c) = encoded or self.encode(x)
+        feats, keys, (h, c), read = encoded or self.encode(x)
         b, n, v, limit = len(x), self.num_classes, self.num_classes + 1, limit or self.max_labels
         dev = x.device
 
         def tile(t):  # (B, ...) -> (B*K, ...)
-            return t.repeat_interleave(k, dim=0)
+            return None if t is None else t.repeat_interleave(k, dim=0)
 
-        feats, keys, h, c = tile(feats), tile(keys), tile(h), tile(c)
+        feats, keys, h, c, read = tile(feats), tile(keys), tile(h), tile(c), tile(read)
         tokens = torch.full((b * k,), self.start, dtype=torch.long, device=dev)
         logp = torch.full((b, k), float("-inf"), device=dev)
         logp[:, 0] = 0.0                                    # one live beam at first, so none are duplicates
@@ -164,7 +191,7 @@ class CNNRNN(nn.Module):
         history = torch.zeros(b, k, 0, dtype=torch.long, device=dev)
         alphas = torch.zeros(b, k, 0, feats.shape[1], device=dev)
         for t in range(limit + 1):
-            logits, (h, c), alpha = self.step(tokens, (h, c), feats, keys)
+            logits, (h, c), alpha = self.step(tokens, (h, c), feats, keys, read)
             step_logp = logits.float().log_softmax(dim=1).view(b, k, v)
             step_logp = step_logp.masked_fill(~self._allowed(counts, t, limit), float("-inf"))
             # A finished beam continues only with END, at no cost, so it keeps its score.
