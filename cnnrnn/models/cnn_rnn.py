@@ -71,7 +71,7 @@ class CNNRNN(nn.Module):
         if read is None:
             mean = feats.mean(dim=1)                             # (B, D)
         else:
-            mean = (feats * read[..., None]).sum(1) / read.sum(1, keepdim=True)
+            mean = (feats * read[..., None]).sum(1) / read.sum(1, keepdim=True)   # (B, D): of the cells read
         keys = self.attn_feat(feats) if self.attention else feats
         return feats, keys, (torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))), read
 
