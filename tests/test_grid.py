@@ -17,9 +17,9 @@ from cnnrnn.data.fashion_mnist import CLASSES, splits
 from cnnrnn.data.loader import batches
 from cnnrnn.engine import load_checkpoint, save_checkpoint
 from cnnrnn.errors import UserError
+from cnnrnn.evaluate import evaluate_checkpoint
 from cnnrnn.models import build_model
 from cnnrnn.tasks import to_input
-from cnnrnn.evaluate import evaluate_checkpoint
 
 END = len(CLASSES)
 
@@ -86,6 +86,8 @@ def test_on_a_larger_picture_the_decoder_reads_the_occupied_cells_and_only_enoug
     assert read[1].tolist() == cells(*range(6))         # more items than 4 cells: every item, no empty cell
     assert read[2].tolist() == cells(0, 1, 2, 4)
     assert net.cells_read(to_input(images[:, :56, :56]), 2, 2) is None           # the training size: all
+    feats, _, (h, _), _ = net.encode(to_input(images))          # the initial state: from the cells read only
+    assert torch.allclose(h[0], torch.tanh(net.init_h(feats[0, read[0]].mean(0))), atol=1e-6)
     out = net.generate(to_input(images), max_labels=9)
     alpha = out["alpha"][:, :1]                                                   # (3, 1, 9): the first step
     assert (alpha[~read[:, None]] == 0).all() and torch.allclose(alpha.sum(-1), torch.ones(3, 1))
