@@ -25,12 +25,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cnnrnn import build
-from cnnrnn.cli import compose_config, device_flag, fail, writable_file
+from cnnrnn.config import preset
 from cnnrnn.data.composite import CompositeSource
 from cnnrnn.data.fashion_mnist import Split
 from cnnrnn.data.loader import ItemSource
 from cnnrnn.engine import autocast, keep_freed_memory, resolve_amp, to_device
-from cnnrnn.errors import UserError
+from cnnrnn.errors import UserError, fail
+from cnnrnn.files import check_writable, write_atomic
+from cnnrnn.ranks import pick_device
+from cnnrnn.tasks import make_task
 
 MAX_BATCH = 65536  # beyond, a step's activations outgrow any machine's memory
 MODELS = {"lstm": "lstm", "lstm2": "lstm2", "cnn": "cnn", "cnn_rnn": "multilabel", "cnn_bce": "multilabel_bce"}
@@ -56,12 +59,12 @@ def matmul_peak(dtype=torch.float32, n: int = 2048, repeats: int = 5, device=tor
     return 2 * n ** 3 / min(times) / 1e9
 
 
-def fake_source(kind: str, n: int = 4096):
+def fake_source(composites: bool, n: int = 4096):
     """Random items in memory, shaped as the real data (the speed does not depend on the pixels)."""
     g = torch.Generator().manual_seed(0)
     split = Split(torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g),
                   torch.randint(0, 10, (n,), generator=g))
-    return ItemSource(split) if kind == "single" else CompositeSource(split, size=n, seed=0)
+    return CompositeSource(split, size=n, seed=0) if composites else ItemSource(split)
 
 
 def time_it(fn, steps: int, repeats: int, device=torch.device("cpu")) -> float:
@@ -80,12 +83,11 @@ def time_it(fn, steps: int, repeats: int, device=torch.device("cpu")) -> float:
 def onnx_infer_rate(cfg, model, batch: dict, steps: int, repeats: int) -> float:
     """Images/s of onnxruntime on the exported model (same weights, same batch, as many threads as torch)."""
     from cnnrnn import export
-    from cnnrnn.exported import OnnxModel
+    from cnnrnn.inference import OnnxModel
 
-    module, outputs = export.graph(cfg, model)
+    task = make_task(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        path = export.export(module, outputs, Path(tmp) / "model.onnx", export.side(cfg),
-                             export.metadata(cfg, {"config": cfg.to_dict()}, outputs))
+        path = export.export(model, task, Path(tmp) / "model.onnx", task.side(cfg), export.metadata(cfg, task))
         onnx_model = OnnxModel(path, threads=torch.get_num_threads())
     images = batch["image"]
     onnx_model.run(images)
@@ -103,13 +105,13 @@ def onnx_missing() -> str | None:
 def bench_model(name: str, batch_size: int, steps: int, repeats: int, peak: float, amp: bool | None,
                 compile_model: bool, onnx: bool = False, device=torch.device("cpu")) -> dict:
     """One model's record; amp None means the setting training uses (engine.resolve_amp of the task's)."""
-    cfg = compose_config([f"task={MODELS[name]}", f"trainer.batch_size={batch_size}"])
+    cfg = preset(MODELS[name], trainer={"batch_size": batch_size})
     amp = resolve_amp(cfg.trainer.amp, device) if amp is None else amp
-    task = build.task(cfg)
+    task = make_task(cfg)
     model = build.model(cfg).to(device, memory_format=torch.channels_last)  # as in training
     optimizer, scheduler = build.optimizer(cfg, model, steps_per_epoch=1000)
     train_model = torch.compile(model) if compile_model else model
-    source = fake_source(cfg.kind, max(4096, 2 * batch_size))  # a whole batch, and more for the data path
+    source = fake_source(task.any_grid, max(4096, 2 * batch_size))  # a whole batch, and more for the data path
     order = source.order(0)
     batch = to_device(source.batch(order[:batch_size]), device)
 
@@ -149,7 +151,7 @@ def bench_model(name: str, batch_size: int, steps: int, repeats: int, peak: floa
 
 def bench_composites(batch_size: int = 512, steps: int = 50) -> float:
     """Composite images generated per second (layout sampling and rendering, as in a training epoch)."""
-    src = CompositeSource(fake_source("single", 55000).split, size=55000, seed=0)
+    src = CompositeSource(fake_source(False, 55000).split, size=55000, seed=0)
     layout = src.order(0)
     i = iter(range(10 ** 9))
     sec = time_it(lambda: src.batch(layout[(next(i) * batch_size) % 50000:][:batch_size]), steps, 3)
@@ -176,9 +178,9 @@ def check(args) -> tuple[list[str], list[int]]:
             raise UserError(f"{flag} {value} must be at least 1.")
     if args.onnx and args.device == "cuda":
         raise UserError("--onnx times onnxruntime on the CPU, beside the CPU model; run it with --device cpu.")
-    device_flag(args.device)
+    pick_device(args.device, "--device ")
     if args.json:
-        writable_file(args.json, f"--json {args.json}", "bench.json")
+        check_writable(args.json, f"--json {args.json}", "bench.json")
     return models, sizes
 
 
@@ -239,11 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     records.append({"model": "composites", "images_per_s": round(rate), **machine})
     if args.json:
         try:
-            with open(args.json, "w") as f:
-                json.dump(records, f, indent=2)
-        except OSError as exc:  # checked up front; the disk can still fill or the folder go
-            fail(f"--json {args.json} could not be written ({exc.strerror or type(exc).__name__}); the table above "
-                 f"holds the same numbers.")
+            write_atomic(args.json, json.dumps(records, indent=2), then="the table above holds the same numbers")
+        except UserError as exc:  # checked up front; the disk can still fill or the folder go
+            fail(str(exc))
 
 
 if __name__ == "__main__":

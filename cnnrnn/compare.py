@@ -18,8 +18,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cnnrnn.cli import fail
-from cnnrnn.errors import UserError
+from cnnrnn.errors import UserError, fail
 
 log = logging.getLogger("cnnrnn")
 
@@ -127,9 +126,9 @@ def read_config(run: Path) -> dict:
         return config if isinstance(config, dict) else {}
     last = run / "checkpoints" / "last.pt"
     if last.is_file():
-        from cnnrnn.engine import load_checkpoint
+        from cnnrnn import checkpoint
 
-        return load_checkpoint(last).get("config", {})
+        return checkpoint.entry(checkpoint.load(last), "config", dict, last)
     log.warning("%s has neither .hydra/config.yaml nor checkpoints/last.pt: its task is unknown", run)
     return {}
 

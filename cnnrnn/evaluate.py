@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import math
 import sys
 from pathlib import Path
 
 import torch
 
-from cnnrnn import build, report
-from cnnrnn.cli import device_flag, fail
+from cnnrnn import build, checkpoint
 from cnnrnn.data import fashion_mnist
-from cnnrnn.engine import load_checkpoint, resolve_amp
-from cnnrnn.errors import UserError
+from cnnrnn.engine import resolve_amp, score
+from cnnrnn.errors import UserError, fail
+from cnnrnn.files import strict_json
+from cnnrnn.ranks import pick_device
+from cnnrnn.training import score_oracle
 
 log = logging.getLogger("cnnrnn")
 
@@ -30,19 +30,19 @@ log = logging.getLogger("cnnrnn")
 def run_device(name: str | None, cfg) -> torch.device:
     """--device, else the run's own trainer.device (the numbers are exact only on the kind of device it used)."""
     if name is not None:
-        return device_flag(name)
+        return pick_device(name, "--device ")
     if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
         log.warning("warning: the run used cuda, which is not available here; evaluating on cpu, so the last "
                     "digits can differ from its metrics.json")
         return torch.device("cpu")
-    return device_flag(cfg.trainer.device)
+    return pick_device(cfg.trainer.device, "--device ")
 
 
 def on_grid(cfg, task, grid: int | None, max_items: int | None):
     """The config whose test composites are grid x grid with 1..max_items items; the decoder told max_items."""
     if grid is None and max_items is None:
         return cfg
-    if cfg.kind == "single":
+    if not task.any_grid:
         raise UserError(f"--grid and --max-items are for composites, but this checkpoint holds a single-label "
                         f"task={cfg.task} model that reads one 28x28 item; drop them.")
     d = cfg.data
@@ -70,43 +70,35 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
         # the loader would fall back to other places silently: a folder named on purpose must be that folder
         raise UserError(f"--data-root {data_root} is not a folder; give the folder that holds the four "
                         f"Fashion-MNIST files.")
-    state = load_checkpoint(path)
+    state = checkpoint.load(path)
     cfg, model, task = build.from_checkpoint(state, path)
     cfg = on_grid(cfg, task, grid, max_items)
-    if oracle and cfg.kind == "single":
+    if oracle and not task.uses_oracle:
         raise UserError(f"--oracle scores multi-label checkpoints against the tile oracle, but {path} holds a "
                         f"single-label task={cfg.task} model; drop --oracle.")
     dev = run_device(device, cfg)
     if oracle:
         build.oracle_model(oracle)  # a bad --oracle is found before the test set is scored
     model = model.to(dev)
-    data = fashion_mnist.splits(data_root or cfg.data.root, cfg.data.val_size, cfg.data.limit, cfg.data.seed)
-    if cfg.kind == "sequence" and not (state.get("task_state") or {}).get("class_counts"):
-        # an older checkpoint without the training class counts: count them as the run did, on its training split
-        task = build.task(cfg, data["train"].labels, state.get("task_state"))
-    src = build.sources(cfg, data, state.get("scene"), device=dev)
-    results, _, _ = report.score_test(model, task, src.test, dev, amp=resolve_amp(cfg.trainer.amp, dev))
-    summary = dict(state.get("summary", {}))
-    if grid is not None or max_items is not None:  # the run's oracle scored other composites
+    splits = fashion_mnist.splits(data_root or cfg.data.root, cfg.data.val_size, cfg.data.limit, cfg.data.seed)
+    src = task.sources(cfg, splits, state.get("scene"), device=dev)
+    metrics, _, _ = score(model, task, src.test, dev, amp=resolve_amp(cfg.trainer.amp, dev))
+    summary = dict(checkpoint.entry(state, "summary", dict, path, default={}))
+    other = grid is not None or max_items is not None
+    if other:  # the run's oracle scored other composites
         summary = {k: v for k, v in summary.items() if not k.startswith("oracle/") or k == "oracle/ckpt"}
     oracle_path = oracle or summary.get("oracle/ckpt")
-    if cfg.kind != "single" and oracle_path and (oracle or Path(oracle_path).is_file()):
-        summary.update(report.score_oracle(oracle_path, cfg.data.test_grid, src.test, dev))
-    if grid is not None or max_items is not None:  # what these numbers are of
+    if task.uses_oracle and oracle_path and (oracle or Path(oracle_path).is_file()):
+        summary.update(score_oracle(Path(oracle_path), cfg.data.test_grid, src.test, dev))
+    if other:  # what these numbers are of
         summary.update({"test/grid": cfg.data.test_grid, "test/max_items": cfg.data.max_items})
-    return {**results, **summary}
+    return {**{f"test/{k}": v for k, v in metrics.items()}, **summary}
 
 
 def table(results: dict) -> str:
     rows = [(k, v) for k, v in results.items() if isinstance(v, (int, float))]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in rows)
-
-
-def strict_json(results: dict) -> str:
-    """One JSON object; a NaN or infinite value (a diverged model's metric) becomes null, as JSON has no NaN."""
-    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in results.items()}
-    return json.dumps(clean, allow_nan=False)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         if args.device is not None:
-            device_flag(args.device)  # before the checkpoint is read
+            pick_device(args.device, "--device ")  # before the checkpoint is read
         if args.grid is not None and args.grid < 1:
             raise UserError(f"--grid {args.grid} must be at least 1 (cells per side).")
         results = evaluate_checkpoint(args.ckpt, args.data_root, args.device, args.oracle, args.grid,

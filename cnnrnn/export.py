@@ -10,6 +10,7 @@ checkpoint's config and the BCE threshold, so the .onnx file needs nothing besid
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import logging
@@ -19,143 +20,52 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnrnn import build
-from cnnrnn.cli import fail, writable_file
-from cnnrnn.data.fashion_mnist import CLASSES, SIDE
-from cnnrnn.engine import load_checkpoint
-from cnnrnn.errors import UserError
-from cnnrnn.tasks import MEAN, STD, to_input
+from cnnrnn import build, checkpoint
+from cnnrnn.data.fashion_mnist import CLASSES
+from cnnrnn.errors import UserError, fail
+from cnnrnn.files import check_writable, write_atomic
+from cnnrnn.inference import INSTALL, ONNX_FORMAT, OnnxModel
+from cnnrnn.tasks import MEAN, STD
 
 log = logging.getLogger("cnnrnn")
 
-FORMAT = "cnnrnn-onnx/1"
 DEFAULT_OPSET = 17  # read by every onnxruntime of the last years
 OPSETS = range(11, 21)  # the TorchScript exporter writes up to 20; below 11, some ops here may have no form
-INSTALL = "pip install 'cnnrnn[export]'"
 
 
-class Classifier(nn.Module):
-    """lstm / cnn: uint8 images -> logits of the image as given, and softmax scores (flip-averaged with tta,
-    as tasks.Classification.predict)."""
+class Exported(nn.Module):
+    """uint8 images (B, side, side) -> the task's predictions, named as in task.outputs: what predict computes
+    for a checkpoint, traced (the decoder's own greedy decoding, unrolled over one step per cell and END)."""
 
-    def __init__(self, model: nn.Module, tta: bool):
+    def __init__(self, model: nn.Module, task):
         super().__init__()
-        self.model, self.tta = model, tta
+        self.model, self.task = model, task
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = to_input(images)
-        logits = self.model(x)
-        scores = logits.softmax(dim=1)
-        if self.tta:
-            scores = (scores + self.model(x.flip(-1)).softmax(dim=1)) / 2
-        return logits, scores
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.task.predict(self.model, {"image": images})
+        return tuple(out[name] for name in self.task.outputs)
 
 
-class Sigmoid(nn.Module):
-    """cnn_bce: uint8 images -> per-class sigmoid scores (flip-averaged with tta, as tasks.MultiLabelBCE)."""
-
-    def __init__(self, model: nn.Module, tta: bool):
-        super().__init__()
-        self.model, self.tta = model, tta
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = to_input(images)
-        scores = self.model(x).sigmoid()
-        return (scores + self.model(x.flip(-1)).sigmoid()) / 2 if self.tta else scores
-
-
-class GreedyDecoder(nn.Module):
-    """cnn_rnn: CNNRNN._greedy unrolled over a fixed `limit` + 1 steps (one label per cell of the exported
-    size) with tensor ops only, so the graph has no loop: a finished image keeps emitting END with its scores
-    frozen, which is what the early stop in _greedy leaves too. Outputs tokens (B, T) (END-padded, emission
-    order) and scores (B, C)."""
-
-    def __init__(self, model: nn.Module, tta: bool, limit: int | None = None):
-        super().__init__()
-        self.model, self.tta, self.limit = model, tta, limit or model.max_labels
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self.model
-        c, end = m.num_classes, m.end
-        feats, keys, state, read = m.encode(to_input(images), self.tta)
-        b = images.shape[0]  # a traced size, not len(): the batch stays free in the graph
-        tokens = torch.full((b,), m.start, dtype=torch.long)
-        emitted = torch.zeros(b, c, dtype=torch.bool)
-        done = torch.zeros(b, dtype=torch.bool)
-        scores = torch.zeros(b, c)
-        classes = torch.arange(c)
-        end_only = torch.cat([torch.zeros(b, c, dtype=torch.bool), torch.ones(b, 1, dtype=torch.bool)], dim=1)
-        out = []
-        for t in range(self.limit + 1):
-            logits, state, _ = m.step(tokens, state, feats, keys, read)
-            probs = logits.softmax(dim=1)
-            scores = torch.where(done[:, None], scores, torch.maximum(scores, probs[:, :c]))
-            # no label twice (multiset: any label); once `limit` labels are out, only END (CNNRNN._allowed)
-            fresh = torch.ones_like(emitted) if m.multiset else ~emitted
-            allowed = end_only if t >= self.limit else torch.cat([fresh, end_only[:, c:]], dim=1)
-            tokens = logits.masked_fill(~allowed, float("-inf")).argmax(dim=1)
-            tokens = torch.where(done, torch.full_like(tokens, end), tokens)
-            emitted = emitted | (tokens[:, None] == classes)       # (B, 1) == (C,) -> (B, C); END matches none
-            done = done | (tokens == end)
-            out.append(tokens)
-        return torch.stack(out, dim=1), scores
-
-
-def graph(cfg, model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """The module to export for this config's model, and its output names."""
-    tta = cfg.eval.tta
-    if cfg.kind == "single":
-        return Classifier(model, tta).eval(), ["logits", "scores"]
-    if cfg.kind == "bce":
-        return Sigmoid(model, tta).eval(), ["scores"]
-    if model.beam_size > 1:
-        log.warning("model.beam_size=%d: the exported graph decodes greedily (beam search has data-dependent "
-                    "control flow); its labels can differ from the checkpoint's beam search", model.beam_size)
-    return GreedyDecoder(model, tta, cfg.data.test_grid ** 2).eval(), ["tokens", "scores"]
-
-
-def model_target(cfg) -> str:
-    return cfg.model.get("target", "set")
-
-
-def side(cfg) -> int:
-    """Image side in pixels: one item, or a grid of them."""
-    return SIDE if cfg.kind == "single" else SIDE * cfg.data.test_grid
-
-
-def metadata(cfg, state: dict, outputs: list[str]) -> dict[str, str]:
+def metadata(cfg, task) -> dict[str, str]:
     """Everything an ONNX user needs beside the graph, as string key/values for metadata_props."""
-    n = side(cfg)
-    meaning = {"logits": "(batch, classes) float: the model's logits for the image as given",
-               "scores": {"single": "(batch, classes) float: softmax probabilities; the label is the argmax",
-                          "bce": "(batch, classes) float: sigmoid probabilities; labels are the classes with "
-                                 "score >= threshold",
-                          "sequence": "(batch, classes) float: each class's highest probability over the "
-                                      "decoding steps"}[cfg.kind],
-               "tokens": f"(batch, {cfg.data.test_grid ** 2 + 1}) int64: greedy decoding, class indices in emission "
-                         f"order, then {len(CLASSES)} (END) to the end"}
+    n = task.side(cfg)
     meta = {
-        "format": FORMAT,
-        "kind": cfg.kind,
+        "format": ONNX_FORMAT,
+        "kind": task.kind,
         "task": cfg.task,
-        "classes": json.dumps(list(state.get("classes", CLASSES))),
+        "classes": json.dumps(list(CLASSES)),
         "input": json.dumps({
             "name": "images", "dtype": "uint8", "shape": ["batch", n, n], "side": n,
-            "pixels": "8-bit gray, light item on black, as in Fashion-MNIST"
-                      + ("" if cfg.kind == "single" else f"; a {cfg.data.test_grid}x{cfg.data.test_grid} grid of 28x28 cells"),
+            "pixels": "8-bit gray, light item on black, as in Fashion-MNIST; pictures of 28x28 cells in reading "
+                      "order for the multi-label models",
             "scaling": f"inside the graph: (pixel / 255 - {MEAN}) / {STD}"}),
-        "outputs": json.dumps({name: meaning[name] for name in outputs}),
+        "outputs": json.dumps(task.outputs),
         # eval.tta: exported too, as the checkpoint predicts (the flips are one tensor op in the graph)
         "tta": "true: scores (the decoder: its features) average each image with its mirror image" if cfg.eval.tta
                else "false",
-        "config": json.dumps(state["config"]),
+        "config": json.dumps(cfg.to_dict()),
+        "task_state": json.dumps(task.state()),  # the BCE threshold, the decoder's label order
     }
-    if cfg.kind == "bce":
-        meta["threshold"] = json.dumps(float((state.get("task_state") or {}).get("threshold", 0.5)))
-    if cfg.kind == "sequence":
-        meta["target"] = model_target(cfg)
-        meta["decoding"] = (f"greedy, {cfg.data.test_grid ** 2 + 1} steps, "
-                            + ("one label per item" if model_target(cfg) == "multiset" else "no label twice"))
     return meta
 
 
@@ -168,12 +78,18 @@ def need_onnx():
     return onnx
 
 
-def export(module: nn.Module, outputs: list[str], path: str | Path, image_side: int, meta: dict[str, str],
+def export(model: nn.Module, task, path: str | Path, image_side: int, meta: dict[str, str],
            opset: int = DEFAULT_OPSET) -> Path:
-    """Write `module` (uint8 images (B, side, side) -> outputs) as an ONNX file with `meta` in metadata_props."""
+    """Write the model's predictions (uint8 images (B, side, side) -> task.outputs) as an ONNX file with `meta` in
+    metadata_props; atomically, so a failed write leaves the previous file whole."""
     onnx = need_onnx()
-    path = Path(path)
+    if getattr(model, "beam_size", 1) > 1:
+        log.warning("model.beam_size=%d: the exported graph decodes greedily (beam search has data-dependent "
+                    "control flow); its labels can differ from the checkpoint's beam search", model.beam_size)
+        model = copy.deepcopy(model)
+        model.beam_size = 1
     example = torch.zeros(2, image_side, image_side, dtype=torch.uint8)
+    outputs = list(task.outputs)
     axes = {"images": {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
     with warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter is deprecated in favour of the torch.export one, which needs onnxscript as
@@ -182,22 +98,16 @@ def export(module: nn.Module, outputs: list[str], path: str | Path, image_side: 
         # about LSTMs whose initial state has the example's batch size; ours start from zeros of the input's
         # batch, and the tests run the graph at other batch sizes
         warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # nn.LSTM's checks of the input's size
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks, constant for the exported size
         buffer = io.BytesIO()
-        torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=["images"], output_names=outputs,
-                          dynamic_axes=axes, opset_version=opset)
+        torch.onnx.export(Exported(model.eval(), task), (example,), buffer, dynamo=False, input_names=["images"],
+                          output_names=outputs, dynamic_axes=axes, opset_version=opset)
     proto = onnx.load_model_from_string(buffer.getvalue())
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.doc_string = f"cnnrnn {meta.get('task', '')} model; see metadata_props for the input and outputs"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(proto, str(path))
-    except OSError as exc:  # checked up front; the disk can still fill
-        raise UserError(f"{path} could not be written ({exc.strerror or type(exc).__name__}); choose another "
-                        f"path, or free some space.") from None
-    return path
+    return write_atomic(path, proto.SerializeToString(), then="free some space or choose another path")
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, opset: int = DEFAULT_OPSET) -> tuple[Path, str]:
@@ -210,21 +120,17 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, opset: int = DEFAULT_OP
     if str(ckpt).lower().endswith(".onnx"):
         raise UserError(f"{ckpt} is already an exported ONNX model; give the checkpoint it came from "
                         f"(RUN_DIR/checkpoints/best.pt).")
-    writable_file(str(out), str(out), "model.onnx", make_folder=True)
+    check_writable(str(out), str(out), "model.onnx", make_folder=True)
     need_onnx()  # before any work
-    state = load_checkpoint(ckpt)
-    cfg, model, task = build.from_checkpoint(state, ckpt)
-    module, outputs = graph(cfg, model)
-    path = export(module, outputs, out, side(cfg), metadata(cfg, state, outputs), opset)
-    return path, self_check(path, side(cfg), model, task)
+    cfg, model, task = build.from_checkpoint(checkpoint.load(ckpt), ckpt)
+    path = export(model, task, out, task.side(cfg), metadata(cfg, task), opset)
+    return path, self_check(path, task.side(cfg), model, task)
 
 
 def self_check(path: Path, image_side: int, model: nn.Module, task) -> str:
     """How onnxruntime's labels and scores compare with PyTorch's on random pixels (a note; none without it)."""
-    from cnnrnn import exported
-
     try:
-        onnx_model = exported.OnnxModel(path)
+        onnx_model = OnnxModel(path)
     except UserError as exc:
         return f"not checked ({exc})"
     images = torch.randint(0, 256, (8, image_side, image_side), dtype=torch.uint8,

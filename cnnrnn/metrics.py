@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 
+AT_HALF = ("f1_micro", "f1_macro", "f1_samples", "exact_match", "hamming_loss")  # BCE: also at the untuned 0.5
 # scikit-learn is imported where it is used: at module level it would add a second to every command's start,
 # a bad command line's answer included.
 
@@ -76,7 +77,6 @@ def grounding(tokens, alpha, cells, y_true) -> dict[str, float]:
     tokens (N, T) emitted classes (>= C: END), alpha (N, T, L) attention over L = (G*k)^2 map positions,
     cells (N, G*G) the class in each cell (-1: empty), y_true (N, C) the true label sets. Empty if no step counts.
     """
-    import torch
 
     n, steps, positions = alpha.shape
     grid = int(round(cells.shape[1] ** 0.5))

@@ -21,20 +21,16 @@ import os
 import sys
 import warnings
 from collections import Counter
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from cnnrnn import build
-from cnnrnn.cli import device_flag, fail
-from cnnrnn.data.fashion_mnist import CLASSES, SIDE
-from cnnrnn.engine import load_checkpoint
-from cnnrnn.errors import UserError
+from cnnrnn import inference
+from cnnrnn.data.fashion_mnist import SIDE
+from cnnrnn.errors import UserError, fail
+from cnnrnn.ranks import pick_device
 
 
 def say(kind: str, message: str) -> None:
@@ -124,47 +120,6 @@ def read_image(path: Path, side: int, resize: bool, any_grid: bool = False) -> t
     return torch.from_numpy(np.array(img, dtype=np.uint8))
 
 
-def predict(model, task, images: torch.Tensor) -> tuple[list[list[int]], torch.Tensor]:
-    """Label indices (in emission order for the decoder) and per-class scores for uint8 images (B, H, W)."""
-    device = next(model.parameters()).device
-    out = task.predict(model, {"image": images.to(device)})
-    return task.labels(out), out["scores"].float().cpu()
-
-
-@dataclass
-class Loaded:
-    infer: Callable          # predict()'s function of uint8 images (B, H, W)
-    side: int                # the trained picture side (what --resize scales to)
-    classes: list[str]
-    any_grid: bool = False   # reads any multiple of 28 a side (a checkpoint's composite model)
-    multiset: bool = False   # names one label per item: print counts
-
-
-def load(path: str, device: str = "cpu", max_items: int | None = None) -> Loaded:
-    """The model of a checkpoint or an exported .onnx file; `max_items` caps the decoder's labels."""
-    if path.lower().endswith(".onnx"):
-        from cnnrnn.exported import OnnxModel
-
-        if device == "cuda":
-            raise UserError(f"{path} runs in onnxruntime on the CPU only; drop --device cuda, or give its checkpoint.")
-        if max_items is not None:
-            raise UserError(f"--max-items needs a checkpoint; {path} decodes its exported number of steps.")
-        onnx_model = OnnxModel(path)
-        return Loaded(onnx_model.predict, onnx_model.side, onnx_model.classes, False, onnx_model.multiset)
-    state = load_checkpoint(path)
-    cfg, model, task = build.from_checkpoint(state, path, device_flag(device))
-    if max_items is not None:
-        if cfg.kind != "sequence":
-            raise UserError(f"--max-items caps the label decoder, but {path} holds a task={cfg.task} model; drop it.")
-        if max_items < 1:
-            raise UserError(f"--max-items {max_items} must be at least 1.")
-        task.max_items = max_items
-    side = SIDE if cfg.kind == "single" else SIDE * cfg.data.test_grid
-    # both composite models are fully convolutional up to a pooling over (or attention across) the cells
-    return Loaded(partial(predict, model, task), side, list(CLASSES), cfg.kind != "single",
-                  getattr(task, "multiset", False))
-
-
 def record(path: Path, labels: list[int], scores: torch.Tensor, classes: list[str], counts: bool = False) -> str:
     """The image's JSON line (with `counts`, each class's number of items); a sentence instead when a score is
     NaN or infinite (JSON has no such number)."""
@@ -190,7 +145,7 @@ def quiet_broken_pipe() -> None:
 def run(args) -> int:
     """Predict every image; the number of problems reported."""
     try:
-        m = load(args.ckpt, args.device, args.max_items)
+        m = inference.load(args.ckpt, args.device, args.max_items)
     except UserError as exc:
         fail(str(exc))
     paths, problems = image_paths(args.images)
@@ -232,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where a checkpoint runs")
     args = parser.parse_args(argv)
     try:
-        device_flag(args.device)
+        pick_device(args.device, "--device ")
     except UserError as exc:
         fail(str(exc))
     try:

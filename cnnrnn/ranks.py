@@ -5,13 +5,37 @@ from __future__ import annotations
 import os
 import random
 import signal
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from cnnrnn.engine import rng_state, set_rng_state
+from cnnrnn.checkpoint import rng_state, set_rng_state
+from cnnrnn.engine import resolve_amp
 from cnnrnn.errors import UserError
+
+
+@dataclass(frozen=True)
+class Process:
+    """Where this process trains and who it is among torchrun's processes."""
+    device: torch.device
+    rank: int
+    world: int
+    amp: bool     # bf16 autocast
+    seed: int     # this rank's seed for dropout masks and label-order draws (rank_seed)
+
+
+def start_process(trainer, seed: int, distributed: bool = True) -> Process:
+    """Pick the device, join torchrun's group, set the threads, seed every generator: a run's first step.
+    `trainer`: the config's trainer group; distributed=False ignores torchrun's environment (one process)."""
+    device = pick_device(trainer.device)
+    rank, world = init_distributed(device, distributed)
+    if trainer.threads:
+        torch.set_num_threads(trainer.threads)
+    amp = resolve_amp(trainer.amp, device)  # an explicit trainer.amp=false wins on CUDA too
+    seed_everything(seed)
+    return Process(device, rank, world, amp, rank_seed(seed, rank))
 
 
 class Stopped(Exception):
@@ -53,9 +77,11 @@ class StopSignals:
         return int(flag.item()) or None
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, flag: str = "trainer.device=") -> torch.device:
+    """cpu, cuda, or auto (cuda where there is one); a sentence for cuda without a GPU. `flag`: how the user
+    named it (trainer.device= or an entry point's --device )."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu.")
+        raise UserError(f"{flag}cuda, but no CUDA device is available here; use {flag}cpu.")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and "LOCAL_RANK" in os.environ:
@@ -65,7 +91,7 @@ def pick_device(name: str) -> torch.device:
 
 def init_distributed(device: torch.device, enabled: bool = True) -> tuple[int, int]:
     """(rank, world size): torchrun's environment, gloo on CPU, nccl on CUDA; (0, 1) without torchrun or
-    when not `enabled` (the tile oracle, trained by rank 0 alone after the group is gone)."""
+    when not `enabled` (a model trained by one process, such as the tile oracle's)."""
     world = int(os.environ.get("WORLD_SIZE", "1")) if enabled else 1
     if world == 1:
         return 0, 1
@@ -105,4 +131,31 @@ def restore_rng(saved: dict, rank: int) -> None:
     if rank < len(states):
         set_rng_state(states[rank])
     else:  # resumed on more ranks than saved: a fresh stream, still distinct per rank and step
-        seed_everything(rank_seed(saved["config"]["seed"], rank, saved["global_step"]))
+        seed_everything(rank_seed(saved["config"]["seed"], rank, saved["state"]["global_step"]))
+
+
+def process_rank() -> int:
+    """This process's rank under torchrun (0 without it), before any process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def processes_sharing_cores(n_jobs: int | None = None) -> int:
+    """How many processes a launcher started side by side on this machine: torchrun's local world size, or a
+    sweep's parallel jobs (the joblib launcher's n_jobs; -1: one per core); else 1."""
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        return max(1, int(os.environ["LOCAL_WORLD_SIZE"]))
+    if not n_jobs:
+        return 1
+    return cores() if n_jobs < 0 else int(n_jobs)
+
+
+def share_of_cores(threads: int | None, n_jobs: int | None = None) -> int | None:
+    """The intra-op threads to set for a process: None when trainer.threads is given (it wins, and
+    start_process sets it) or the process runs alone (torch's default, every core); else its share of the
+    cores, since each process taking every core slows all of them several times."""
+    share = processes_sharing_cores(n_jobs)
+    return None if threads or share == 1 else max(1, cores() // share)

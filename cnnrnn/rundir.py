@@ -27,6 +27,11 @@ class Claim:
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = -1
 
+    def remove_all(self) -> None:
+        """After a refusal or an interrupt that came late: remove what this run wrote, and the folders it made."""
+        remove_contents(self.path)
+        self.remove_if_unused()
+
     def remove_if_unused(self) -> None:
         """After a refusal: remove the folder and its new parents if nothing but Hydra's sweep file is left."""
         self.release()

@@ -1,7 +1,9 @@
-"""Single-label vs multi-label: inputs, loss, prediction and metrics. The only place the two differ.
+"""What each kind of model is trained and judged on: its data, loss, predictions, label names, metrics, figures
+and exported outputs. The only place single-label, BCE and the label decoder differ.
 
-A task turns a batch dict into model inputs and a loss (`loss`), into predictions from the image alone
-(`predict`), and turns the predictions of a whole split into metrics (`metrics`).
+A task turns a batch into a loss (`loss`), images alone into predictions (`predict`, also what an ONNX export
+traces), predictions into label indices (`labels`, also for the outputs of an .onnx file), and the predictions
+of a whole split into metrics (`metrics`).
 """
 from __future__ import annotations
 
@@ -9,11 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnrnn import metrics
+from cnnrnn import metrics, viz
+from cnnrnn.config import CONFIG_DIR, Config
+from cnnrnn.data import sources
 from cnnrnn.data.composite import cell_crops
 from cnnrnn.data.fashion_mnist import CLASSES, SIDE
+from cnnrnn.data.scene import Scene, read_scene
+from cnnrnn.models import MODELS
 
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training pixels, on the [0, 1] scale
+MULTI_SCALARS = ("f1_micro", "f1_macro", "f1_samples", "cf1", "exact_match", "hamming_loss", "cardinality_acc",
+                 "map", "loss")
 
 
 def to_input(images: torch.Tensor) -> torch.Tensor:
@@ -22,19 +30,38 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
 
 
 def flip_average(model: nn.Module, x: torch.Tensor, tta: bool, to_scores) -> torch.Tensor:
-    """Scores of x, averaged with those of its mirror image when `tta` (test-time flips; a mirrored item
-    keeps its class, and the set of items in a mirrored composite is the same)."""
+    """Scores of x, averaged with those of its mirror image when `tta` (test-time flips: a mirrored item keeps
+    its class, and the set of items in a mirrored composite is the same)."""
     scores = to_scores(model(x))
     return (scores + to_scores(model(x.flip(-1)))) / 2 if tta else scores
+
+
+def names(indices) -> list[str]:
+    return [CLASSES[int(i)] for i in indices]
 
 
 class Classification:
     """One label per image: cross-entropy, argmax, accuracy."""
 
-    kind, select = "single", "acc"
+    kind, select, scalars = "single", "acc", ("acc", "loss")
+    uses_oracle = tunes = any_grid = False  # no tile oracle; nothing tuned after training; reads 28x28 items only
+    outputs = {"logits": "(batch, classes) float: the model's logits for the image as given",
+               "scores": "(batch, classes) float: softmax probabilities; the label is the argmax"}
 
     def __init__(self, classes=CLASSES, label_smoothing: float = 0.0, tta: bool = False):
         self.classes, self.label_smoothing, self.tta = tuple(classes), label_smoothing, tta
+
+    def side(self, cfg: Config) -> int:
+        return SIDE
+
+    def scene_spec(self, cfg: Config) -> None:
+        return None
+
+    def sources(self, cfg: Config, splits, scene_spec=None, device=None) -> sources.Sources:
+        return sources.items(cfg.data, cfg.seed, splits, device)
+
+    def blank_batch(self, cfg: Config, n: int = 2) -> dict[str, torch.Tensor]:
+        return {"image": torch.zeros(n, SIDE, SIDE, dtype=torch.uint8), "label": torch.zeros(n, dtype=torch.long)}
 
     def target(self, batch) -> torch.Tensor:
         return batch["label"]
@@ -46,55 +73,119 @@ class Classification:
 
     @torch.no_grad()
     def predict(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
-        probs = flip_average(model, to_input(batch["image"]), self.tta, lambda z: z.float().softmax(dim=1))
-        return {"pred": probs.argmax(dim=1), "scores": probs}
+        x = to_input(batch["image"])
+        logits = model(x).float()
+        probs = logits.softmax(dim=1)
+        if self.tta:
+            probs = (probs + model(x.flip(-1)).float().softmax(dim=1)) / 2
+        return {"logits": logits, "scores": probs}
 
     def labels(self, out: dict[str, torch.Tensor]) -> list[list[int]]:
-        return [[int(p)] for p in out["pred"]]
+        return [[int(p)] for p in out["scores"].argmax(dim=1)]
 
     def metrics(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, float]:
-        return metrics.single_label(target.numpy(), out["pred"].numpy(), self.classes)
+        return metrics.single_label(target.numpy(), out["scores"].argmax(dim=1).numpy(), self.classes)
+
+    def figures(self, out: dict[str, torch.Tensor], target: torch.Tensor, source) -> dict:
+        pred = out["scores"].argmax(dim=1)
+        wrong = (pred != target).nonzero().flatten()[:24]
+        images = source.batch(source.order(None)[wrong])["image"].cpu()
+        return {"test/confusion_matrix": viz.confusion_matrix(metrics.confusion(target.numpy(), pred.numpy(),
+                                                                              len(self.classes)), self.classes),
+                "test/misclassified": viz.labelled_grid(images, [names([t]) for t in target[wrong]],
+                                                        [names([p]) for p in pred[wrong]])}
 
     def state(self) -> dict:
         return {}
 
 
-class MultiLabelBCE:
-    """A set of labels per image from independent sigmoids; the threshold is tuned on validation data."""
+class Composites:
+    """What the two multi-label tasks share: composite data, the multi-label metrics and figures."""
 
-    kind, select = "bce", "f1_samples"
+    select, uses_oracle, tunes = "f1_samples", True, False
+    any_grid = True  # reads any picture of 28x28 cells
 
-    def __init__(self, classes=CLASSES, threshold: float = 0.5, tta: bool = False):
-        self.classes, self.threshold, self.tta = tuple(classes), threshold, tta
+    def side(self, cfg: Config) -> int:
+        return SIDE * cfg.data.test_grid
+
+    def scene_spec(self, cfg: Config) -> dict | None:
+        """The scene file's contents for data.scene (None: uniform); a sentence if it is missing or bad."""
+        return read_scene(cfg.data.scene, CONFIG_DIR / "scene")
+
+    def sources(self, cfg: Config, splits, scene_spec=None, device=None) -> sources.Sources:
+        """`scene_spec`: the one a checkpoint carries, used as it was (None: read data.scene's file)."""
+        spec = self.scene_spec(cfg) if scene_spec is None else scene_spec
+        scene = None if spec is None else Scene(spec, cfg.data.scene)
+        return sources.composites(cfg.data, cfg.seed, cfg.trainer.batch_size, splits, scene, device)
+
+    def blank_batch(self, cfg: Config, n: int = 2) -> dict[str, torch.Tensor]:
+        """Empty composites of the smallest training grid: the cell arithmetic of the model, not its memory."""
+        grid = min(cfg.data.grids)
+        c = len(self.classes)
+        return {"image": torch.zeros(n, SIDE * grid, SIDE * grid, dtype=torch.uint8),
+                "cells": torch.full((n, grid * grid), -1), "labels": torch.zeros(n, c), "counts": torch.zeros(n, c)}
 
     def target(self, batch) -> torch.Tensor:
         return batch["labels"]
 
+    def figures(self, out: dict[str, torch.Tensor], target: torch.Tensor, source) -> dict:
+        first = torch.arange(min(24, len(target)))
+        images = source.batch(source.order(None)[first])["image"].cpu()
+        pred = self.labels({k: v[first] for k, v in out.items()})
+        # a class as often as the target counts it (once for a set; a multiset target repeats it)
+        true = [names(c for c in row.nonzero().flatten().tolist() for _ in range(int(row[c]))) for row in target[first]]
+        per_class = {k[3:]: v for k, v in self.metrics(out, target).items() if k.startswith("f1/")}
+        figs = {"test/composites": viz.labelled_grid(images, true, [names(p) for p in pred]),
+                "test/f1_per_class": viz.per_class_bars(per_class, "test F1")}
+        if "alpha" in out:
+            n = min(6, len(target))
+            figs["test/attention"] = viz.attention(images[:n], out["alpha"][:n], out["tokens"][:n], CLASSES,
+                                                   len(CLASSES))
+        return figs
+
+
+class MultiLabelBCE(Composites):
+    """A set of labels per image from independent sigmoids; the threshold is tuned on validation data."""
+
+    kind, scalars, tunes = "bce", MULTI_SCALARS, True
+    outputs = {"scores": "(batch, classes) float: sigmoid probabilities; labels are the classes with score >= "
+                         "threshold"}
+
+    def __init__(self, classes=CLASSES, threshold: float = 0.5, tta: bool = False, label_smoothing: float = 0.0):
+        self.classes, self.threshold, self.tta = tuple(classes), threshold, tta
+        self.label_smoothing = label_smoothing
+
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
         logits = model(to_input(batch["image"]))
-        return F.binary_cross_entropy_with_logits(logits.float(), batch["labels"]), {}
+        target = batch["labels"] * (1 - self.label_smoothing) + self.label_smoothing / 2
+        return F.binary_cross_entropy_with_logits(logits.float(), target), {}
 
     @torch.no_grad()
     def predict(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
-        scores = flip_average(model, to_input(batch["image"]), self.tta, lambda z: z.float().sigmoid())
-        return {"pred": scores >= self.threshold, "scores": scores}
+        return {"scores": flip_average(model, to_input(batch["image"]), self.tta, lambda z: z.float().sigmoid())}
+
+    def chosen(self, scores: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+        return scores >= (self.threshold if threshold is None else threshold)
 
     def labels(self, out: dict[str, torch.Tensor]) -> list[list[int]]:
-        return [row.nonzero().flatten().tolist() for row in out["pred"]]
+        return [row.nonzero().flatten().tolist() for row in self.chosen(out["scores"])]
 
     def metrics(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, float]:
-        return metrics.multi_label(target.numpy(), out["pred"].numpy(), self.classes, out["scores"].numpy())
+        scores = out["scores"].numpy()
+        result = metrics.multi_label(target.numpy(), self.chosen(out["scores"]).numpy(), self.classes, scores)
+        half = metrics.multi_label(target.numpy(), self.chosen(out["scores"], 0.5).numpy(), self.classes)
+        return {**result, **{f"{k}_at_0.5": half[k] for k in metrics.AT_HALF}}  # the untuned threshold too
 
-    def tune(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> float:
+    def tune(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> dict:
         """Set the threshold that maximises micro F1 on these (validation) predictions."""
         self.threshold = metrics.best_threshold(target.numpy(), out["scores"].numpy())
-        return self.threshold
+        return {"threshold": self.threshold}
 
     def state(self) -> dict:
         return {"threshold": self.threshold}
 
 
-class LabelSequence:
+class LabelSequence(Composites):
     """A set of labels emitted one after another by a decoder, in a chosen training order.
 
     Orders: 'frequency' (most frequent training class first), 'rare_first', 'spatial' (reading order of
@@ -106,11 +197,16 @@ class LabelSequence:
     labels as the picture has cells (any grid), or `max_items` when set.
     """
 
-    kind, select = "sequence", "f1_samples"
+    kind = "sequence"
+    scalars = (*MULTI_SCALARS, "grounding", "grounding_mass",
+               "multiset_exact", "count_acc", "multiset_f1_micro", "multiset_f1_macro", "count_mae")
+    outputs = {"tokens": "(batch, steps) int64: greedy decoding, class indices in emission order, then the END "
+                         "index (the number of classes) to the end",
+               "scores": "(batch, classes) float: each class's highest probability over the decoding steps"}
 
-    def __init__(self, classes=CLASSES, order: str = "frequency", class_counts=None, max_labels: int = 4,
-                 label_smoothing: float = 0.0, tta: bool = False, target: str = "set", max_items: int | None = None):
-        self.classes, self.order, self.max_labels = tuple(classes), order, max_labels
+    def __init__(self, classes=CLASSES, order: str = "frequency", class_counts=None, label_smoothing: float = 0.0,
+                 tta: bool = False, target: str = "set", max_items: int | None = None):
+        self.classes, self.order = tuple(classes), order
         self.label_smoothing, self.tta = label_smoothing, tta
         self.multiset, self.max_items = target == "multiset", max_items
         counts = torch.as_tensor(class_counts if class_counts is not None else [1] * len(classes)).double()
@@ -169,28 +265,32 @@ class LabelSequence:
         seq = torch.where(t < n, seq, torch.full_like(seq, -100))
         return seq.masked_fill(t == n, c)  # END right after the last label
 
+    def orderless_targets(self, model: nn.Module, x: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and targets where each step's target is the remaining true label the model ranks highest."""
+        end = len(self.classes)
+        # labels still to name: a count per class (multiset) or 0/1 (set)
+        remaining = (batch["counts"] if self.multiset else batch["labels"]).long()
+        ended = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        chosen = []
+
+        def teacher(step: int, logits: torch.Tensor) -> torch.Tensor:
+            nonlocal ended
+            ranked = logits.detach()[:, :end].float().masked_fill(remaining == 0, float("-inf"))
+            has = (remaining > 0).any(dim=1)
+            target = torch.where(has, ranked.argmax(dim=1), end)
+            remaining[has, target[has]] -= 1
+            target = torch.where(ended, -100, target)
+            ended = ended | ~has
+            chosen.append(target)
+            return target
+
+        logits = model(x, teacher, steps=batch["cells"].shape[1] + 1)
+        return logits, torch.stack(chosen, dim=1)
+
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
         x = to_input(batch["image"])
-        end = len(self.classes)
         if self.order == "orderless":
-            # labels still to name: a count per class (multiset) or 0/1 (set)
-            remaining = (batch["counts"] if self.multiset else batch["labels"]).long()
-            ended = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-            chosen = []
-
-            def teacher(step: int, logits: torch.Tensor) -> torch.Tensor:
-                nonlocal ended
-                ranked = logits.detach()[:, :end].float().masked_fill(remaining == 0, float("-inf"))
-                has = (remaining > 0).any(dim=1)
-                target = torch.where(has, ranked.argmax(dim=1), end)
-                remaining[has, target[has]] -= 1
-                target = torch.where(ended, -100, target)
-                ended = ended | ~has
-                chosen.append(target)
-                return target
-
-            logits = model(x, teacher, steps=batch["cells"].shape[1] + 1)
-            targets = torch.stack(chosen, dim=1)
+            logits, targets = self.orderless_targets(model, x, batch)
         else:
             targets = self.sequences(batch["labels"], batch["cells"])
             logits = model(x, targets)
@@ -203,9 +303,7 @@ class LabelSequence:
         # Only the image reaches the decoder, which feeds back its own outputs; the cells (where each true
         # class sits) are passed on beside the predictions for the grounding metric, never to the model.
         out = model.generate(to_input(batch["image"]), flip=self.tta, max_labels=self.limit(batch["image"]))
-        pred = {"pred": out["labels"], "scores": out["scores"], "tokens": out["tokens"], "alpha": out["alpha"]}
-        if self.multiset:
-            pred["counts"] = out["counts"]
+        pred = {"tokens": out["tokens"], "scores": out["scores"], "alpha": out["alpha"]}
         if "cells" in batch:
             pred["cells"] = batch["cells"]
         return pred
@@ -219,13 +317,19 @@ class LabelSequence:
         end = len(self.classes)
         return [[int(t) for t in row if t < end] for row in out["tokens"]]  # in emission order
 
+    def counts(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, C) labels emitted per class."""
+        end = len(self.classes)
+        return F.one_hot(out["tokens"].clamp(max=end), end + 1)[..., :end].sum(1)
+
     def metrics(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, float]:
         present = target > 0  # the set of a multiset target
-        result = metrics.multi_label(present.numpy(), out["pred"].numpy(), self.classes, out["scores"].numpy())
+        counts = self.counts(out)
+        result = metrics.multi_label(present.numpy(), (counts > 0).numpy(), self.classes, out["scores"].numpy())
         if "cells" in out:
             result.update(metrics.grounding(out["tokens"], out["alpha"], out["cells"], present))
         if self.multiset:
-            result.update(metrics.multiset(target.numpy(), out["counts"].numpy(), self.classes))
+            result.update(metrics.multiset(target.numpy(), counts.numpy(), self.classes))
         return result
 
     def state(self) -> dict:
@@ -233,17 +337,14 @@ class LabelSequence:
         return {"order": self.order, "class_counts": self.class_counts}
 
 
-class TileOracle:
+class TileOracle(Composites):
     """Reference for composites: a single-label model applied to each occupied cell, told where the items
     are (batch['cells']), its predictions joined into a set. Scored with the multi-label metrics."""
 
-    kind, select = "oracle", "f1_samples"
+    kind, scalars = "oracle", MULTI_SCALARS
 
     def __init__(self, grid: int, classes=CLASSES):
         self.grid, self.classes = grid, tuple(classes)
-
-    def target(self, batch) -> torch.Tensor:
-        return batch["labels"]
 
     @torch.no_grad()
     def predict(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
@@ -258,3 +359,18 @@ class TileOracle:
 
     def metrics(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, float]:
         return metrics.multi_label(target.numpy(), out["pred"].numpy(), self.classes, out["scores"].numpy())
+
+
+def make_task(cfg: Config, train_labels: torch.Tensor | None = None, state: dict | None = None):
+    """The task of a config's model; `state` restores what a checkpoint saved (a tuned threshold, the training
+    class counts), `train_labels` gives the class counts of a new run's frequency order."""
+    state, tta, kind = state or {}, cfg.eval.tta, MODELS[cfg.model["name"]].kind
+    if kind == "single":
+        return Classification(CLASSES, cfg.optim.label_smoothing, tta)
+    if kind == "bce":
+        return MultiLabelBCE(CLASSES, state.get("threshold", 0.5), tta, cfg.optim.label_smoothing)
+    counts = state.get("class_counts")
+    if train_labels is not None:
+        counts = torch.bincount(train_labels, minlength=len(CLASSES))
+    return LabelSequence(CLASSES, cfg.model["label_order"], counts, label_smoothing=cfg.optim.label_smoothing, tta=tta,
+                         target=cfg.model["target"])

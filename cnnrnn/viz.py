@@ -117,10 +117,14 @@ def per_class_bars(values: dict[str, float], ylabel: str) -> Figure:
 
 
 def save(fig: Figure, path) -> None:
+    """Write the figure as a PNG file (atomically: files.write_atomic) and free it."""
     import matplotlib.pyplot as plt
 
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from cnnrnn.files import write_atomic
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def compare_curves(series: dict[str, list[tuple[str, list, list]]], xlabel: str) -> Figure:

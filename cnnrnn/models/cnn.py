@@ -71,7 +71,7 @@ class SmallCNN(nn.Module):
     """conv3x3 32 - pool - conv3x3 64 - pool - dense 128 - dense 10, with batch norm and dropout."""
 
     def __init__(self, num_classes: int = 10, channels: tuple[int, ...] = (32, 64), convs: int = 1, hidden: int = 128,
-                 dropout: float = 0.3, flat_dropout: float | None = None, side: int = 28, pool_first: bool = False):
+                 dropout: float = 0.3, flat_dropout: float | None = None, side: int = 28, pool_first: bool = True):
         super().__init__()
         self.encoder = ConvEncoder(channels, convs, pool_first=pool_first)
         cells = (side // 2 ** len(channels)) ** 2
@@ -91,15 +91,14 @@ class SmallCNN(nn.Module):
 class CNNBCE(nn.Module):
     """Multi-label baseline: the CNN encoder, global max pool, one linear layer of per-class logits."""
 
-    def __init__(self, num_classes: int = 10, channels: tuple[int, ...] = (32, 64), convs: int = 1, cell: int = 7,
-                 cell_dim: int = 128, dropout: float = 0.3, pool: str = "max", pool_first: bool = False):
+    def __init__(self, num_classes: int = 10, channels: tuple[int, ...] = (32, 64), convs: int = 2, cell: int = 7,
+                 cell_dim: int = 256, dropout: float = 0.3, pool_first: bool = True):
         super().__init__()
         self.encoder = ConvEncoder(channels, convs, cell, cell_dim, dropout, pool_first)
-        self.pool = pool
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(self.encoder.out_channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.encoder(x)                                                  # (B, C, h, w)
-        pooled = feats.amax(dim=(2, 3)) if self.pool == "max" else feats.mean(dim=(2, 3))  # (B, C)
+        pooled = feats.amax(dim=(2, 3))                                          # (B, C)
         return self.head(self.drop(pooled))                                      # (B, classes)

@@ -27,18 +27,17 @@ def _follow(t: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
 class CNNRNN(nn.Module):
     """CNN feature map -> LSTM over label embeddings, attending over the map at every step."""
 
-    def __init__(self, num_classes: int = 10, channels: tuple[int, ...] = (32, 64), convs: int = 1, cell: int = 7,
-                 cell_dim: int = 128, embed: int = 64, hidden: int = 256, attention: bool = True,
-                 attn_dim: int = 128, dropout: float = 0.3, beam_size: int = 1, max_labels: int = 4,
-                 pool_first: bool = False, feedback: bool = True, context_dropout: float = 0.0,
-                 embed_dropout: float = 0.0, target: str = "set"):
+    def __init__(self, num_classes: int = 10, channels: tuple[int, ...] = (32, 64), convs: int = 2, cell: int = 7,
+                 cell_dim: int = 256, embed: int = 64, hidden: int = 256, attn_dim: int = 128, dropout: float = 0.3,
+                 beam_size: int = 1, max_labels: int = 4, pool_first: bool = True, feedback: bool = True,
+                 context_dropout: float = 0.0, target: str = "set"):
         super().__init__()
         if target not in ("set", "multiset"):
             raise ValueError(f"target must be 'set' or 'multiset', got {target!r}")
         self.multiset = target == "multiset"
         self.num_classes, self.end, self.start = num_classes, num_classes, num_classes + 1
         # max_labels is one label per cell of the largest training picture: also that picture's number of cells
-        self.attention, self.beam_size, self.max_labels = attention, beam_size, max_labels
+        self.beam_size, self.max_labels = beam_size, max_labels
         self.per_cell = cell > 0     # with cell=0 the map's positions are 4x4-pixel patches, not items' cells
         # feedback=False is the ablation: every step is fed the same (START) embedding instead of the label it
         # emitted before, so the decoder still attends step by step but never sees its own outputs.
@@ -48,14 +47,12 @@ class CNNRNN(nn.Module):
         self.embed = nn.Embedding(num_classes + 2, embed)
         self.init_h = nn.Linear(feat, hidden)
         self.init_c = nn.Linear(feat, hidden)
-        if attention:
-            self.attn_feat = nn.Linear(feat, attn_dim)
-            self.attn_hidden = nn.Linear(hidden, attn_dim, bias=False)
-            self.attn_score = nn.Linear(attn_dim, 1, bias=False)
+        self.attn_feat = nn.Linear(feat, attn_dim)
+        self.attn_hidden = nn.Linear(hidden, attn_dim, bias=False)
+        self.attn_score = nn.Linear(attn_dim, 1, bias=False)
         self.cell = nn.LSTMCell(embed + feat, hidden)
         self.drop = nn.Dropout(dropout)
         self.drop_context = FastDropout(context_dropout)
-        self.drop_embed = FastDropout(embed_dropout)
         self.out = nn.Linear(hidden + feat, num_classes + 1)
 
     def encode(self, x: torch.Tensor, flip: bool = False):
@@ -72,7 +69,7 @@ class CNNRNN(nn.Module):
             mean = feats.mean(dim=1)                             # (B, D)
         else:
             mean = (feats * read[..., None]).sum(1) / read.sum(1, keepdim=True)   # (B, D): of the cells read
-        keys = self.attn_feat(feats) if self.attention else feats
+        keys = self.attn_feat(feats)
         return feats, keys, (torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))), read
 
     def cells_read(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor | None:
@@ -95,17 +92,14 @@ class CNNRNN(nn.Module):
         """One decoding step: logits (B, C+1), the new state and the attention weights (B, L), zero on the
         cells not read."""
         h, c = state
-        if self.attention:
-            scores = self.attn_score(torch.tanh(keys + self.attn_hidden(h)[:, None])).squeeze(-1)  # (B, L)
-        else:
-            scores = feats.new_zeros(feats.shape[:2])            # no attention: the mean of the cells read
+        scores = self.attn_score(torch.tanh(keys + self.attn_hidden(h)[:, None])).squeeze(-1)  # (B, L)
         if read is not None:
             scores = scores.masked_fill(~read, float("-inf"))
         alpha = scores.softmax(dim=1)                                                           # (B, L)
         context = self.drop_context(torch.bmm(alpha[:, None], feats).squeeze(1))  # (B, 1, L) @ (B, L, D) -> (B, D)
         if not self.feedback:
             tokens = torch.full_like(tokens, self.start)
-        h, c = self.cell(torch.cat([self.drop_embed(self.embed(tokens)), context], dim=1), (h, c))
+        h, c = self.cell(torch.cat([self.embed(tokens), context], dim=1), (h, c))
         logits = self.out(self.drop(torch.cat([h, context], dim=1)))
         return logits, (h, c), alpha
 
@@ -128,10 +122,9 @@ class CNNRNN(nn.Module):
         once `limit` labels are out; before that no label twice (set), or any label (multiset: one per item, so
         a repeat is allowed exactly while fewer labels than cells are out)."""
         fresh = torch.ones_like(counts, dtype=torch.bool) if self.multiset else counts == 0
-        allowed = torch.cat([fresh, torch.ones_like(fresh[..., :1])], dim=-1)
         if t >= limit:
-            allowed[..., : self.num_classes] = False
-        return allowed
+            fresh = torch.zeros_like(fresh)
+        return torch.cat([fresh, torch.ones_like(fresh[..., :1])], dim=-1)
 
     @torch.no_grad()
     def generate(self, x: torch.Tensor, beam_size: int | None = None, flip: bool = False,
@@ -146,13 +139,16 @@ class CNNRNN(nn.Module):
         out = self._greedy(x, encoded, limit) if beam_size == 1 else self._beam(x, beam_size, encoded, limit)
         out["labels"] = out["counts"] > 0
         pad = limit + 1 - out["tokens"].shape[1]  # decoding stops early once every image is done
-        out["tokens"] = F.pad(out["tokens"], (0, pad), value=self.end)
-        out["alpha"] = F.pad(out["alpha"], (0, 0, 0, pad))
+        if pad:
+            out["tokens"] = F.pad(out["tokens"], (0, pad), value=self.end)
+            out["alpha"] = F.pad(out["alpha"], (0, 0, 0, pad))
         return out
 
     def _greedy(self, x: torch.Tensor, encoded=None, limit: int | None = None) -> dict[str, torch.Tensor]:
+        """Greedy decoding; tensor ops only, so an ONNX export traces this very code (the early stop, once every
+        image is done, is skipped while tracing: the steps after it only repeat END)."""
         feats, keys, state, read = encoded or self.encode(x)
-        b, c, limit = len(x), self.num_classes, limit or self.max_labels
+        b, c, limit = x.shape[0], self.num_classes, limit or self.max_labels  # shape[0]: a free batch in a trace
         tokens = torch.full((b,), self.start, dtype=torch.long, device=x.device)
         counts = torch.zeros(b, c, dtype=torch.long, device=x.device)
         done = torch.zeros(b, dtype=torch.bool, device=x.device)
@@ -163,12 +159,12 @@ class CNNRNN(nn.Module):
             probs = logits.float().softmax(dim=1)
             scores = torch.where(done[:, None], scores, torch.maximum(scores, probs[:, :c]))
             tokens = logits.masked_fill(~self._allowed(counts, t, limit), float("-inf")).argmax(dim=1)
-            tokens = torch.where(done, self.end, tokens)
-            counts += F.one_hot(tokens, c + 1)[:, :c]
-            done |= tokens == self.end
+            tokens = torch.where(done, torch.full_like(tokens, self.end), tokens)
+            counts = counts + F.one_hot(tokens, c + 1)[:, :c]
+            done = done | (tokens == self.end)
             out.append(tokens)
             alphas.append(alpha)
-            if done.all():
+            if not torch.jit.is_tracing() and bool(done.all()):
                 break
         return {"labels": counts > 0, "counts": counts, "scores": scores, "tokens": torch.stack(out, 1),
                 "alpha": torch.stack(alphas, 1)}

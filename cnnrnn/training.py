@@ -1,0 +1,461 @@
+"""Train one model: set up, then per epoch train, validate and checkpoint, then test the best checkpoint once.
+
+No Hydra here: `fit(cfg, out_dir)` takes a typed Config and a folder, so a notebook trains a model in two lines
+(docs/python.md). `run` is what the command line calls: the run's own steps, after any model it needs first
+(the tile oracle's cnn), which is a cached run of its own, announced before anything starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import platform
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cnnrnn import build, checkpoint, viz
+from cnnrnn.config import Config, preset
+from cnnrnn.data import fashion_mnist
+from cnnrnn.data.loader import batches, num_batches
+from cnnrnn.data.scene import format_statistics
+from cnnrnn.data.sources import Sources
+from cnnrnn.engine import NonFiniteLoss, ema_update, keep_freed_memory, score, train_steps
+from cnnrnn.errors import UserError
+from cnnrnn.files import strict_json, write_atomic
+from cnnrnn.models import count_params
+from cnnrnn.ranks import Process, Stopped, StopSignals, gather_rng, restore_rng, seed_everything, start_process
+from cnnrnn.tasks import MULTI_SCALARS, TileOracle, make_task
+
+log = logging.getLogger("cnnrnn")
+ALL_TEST_SCALARS = ("acc", *MULTI_SCALARS)  # every run declares these to TensorBoard's HParams table
+
+
+@dataclass
+class TrainState:
+    """The loop's progress, saved in every checkpoint; the step within an epoch is global_step's remainder."""
+    epoch: int = 0                   # epochs completed
+    global_step: int = 0             # optimizer steps completed
+    best: float = -math.inf          # best validation score so far (the task's `select` metric)
+    best_epoch: int = 0
+    history: list[dict] = field(default_factory=list)  # one record per epoch: curves.png and compare
+    loop_s: float = 0.0              # seconds spent in training steps, for ms/step
+    loop_steps: int = 0
+    wall_s: float = 0.0              # wall time of this run's earlier sittings
+    finished: bool = False
+
+
+class NullWriter:
+    """Stands in for SummaryWriter on ranks other than 0."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+@dataclass(repr=False)  # its repr would print the model and the data
+class Training:
+    """One run's objects: the data, what the loop steps, evaluates and saves, and where it writes."""
+    cfg: Config
+    out_dir: Path
+    proc: Process
+    task: object                         # tasks.py: the loss, predictions and metrics of this kind of model
+    sources: Sources
+    model: nn.Module                     # the trained weights
+    train_model: nn.Module               # what the steps call: the model, maybe in DDP and compiled
+    ema: torch.optim.swa_utils.AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: TrainState
+    writer: object                       # SummaryWriter on rank 0, NullWriter elsewhere
+    scene_spec: dict | None
+    t_start: float
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is evaluated and saved as "model": the EMA of the weights where there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return num_batches(len(self.sources.train), self.cfg.trainer.batch_size, drop_last=True)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+
+def fit(cfg: Config, out_dir: str | Path, saved: dict | None = None, oracle: Path | None = None,
+        distributed: bool = True) -> dict | None:
+    """Train, select on validation, test once; write checkpoints, TensorBoard events, metrics.json, curves.png,
+    figures/. `saved`: a last.pt to continue from; `oracle`: a cnn checkpoint to score as the tile oracle.
+    Returns the test metrics (None on a rank other than 0)."""
+    run = setup(cfg, Path(out_dir), saved, distributed)
+    with StopSignals() as stop:
+        while run.state.epoch < cfg.trainer.epochs:
+            record = train_epoch(run, stop)
+            if run.proc.rank == 0:
+                validate(run, record)
+            end_epoch(run, record, stop)
+    if run.proc.world > 1:
+        # The test is rank 0's work alone: leave the group first, so nothing after this waits on a rank that has gone.
+        dist.destroy_process_group()
+    if run.proc.rank != 0:
+        return None
+    try:
+        with StopSignals(at_once=True):
+            return test(run, oracle)
+    except Stopped as exc:
+        log.warning("Stopped by %s during the final test evaluation; the training is complete in %s; finish the "
+                    "evaluation with resume=%s", signal.Signals(exc.signum).name, run.ckpt_dir, run.out_dir)
+        raise SystemExit(128 + exc.signum) from None
+    finally:
+        run.writer.close()
+
+
+def setup(cfg: Config, out_dir: Path, saved: dict | None = None, distributed: bool = True) -> Training:
+    """Process, data, task, model, optimizer, EMA and writer of a run, restored from `saved` if given."""
+    t_start = time.time()
+    proc = start_process(cfg.trainer, cfg.seed, distributed)
+    keep_freed_memory()
+    splits = fashion_mnist.splits(cfg.data.root, cfg.data.val_size, cfg.data.limit, cfg.data.seed)
+    task = make_task(cfg, splits["train"].labels)
+    scene_spec = saved.get("scene") if saved is not None else task.scene_spec(cfg)
+    src = task.sources(cfg, splits, scene_spec, device=proc.device)
+    build.check_sizes(cfg, len(src.train), proc.world)
+    if scene_spec is not None and proc.rank == 0:
+        log.info("scene %s, label statistics of 100,000 training composites:\n%s", cfg.data.scene,
+                 format_statistics(src.train.statistics(100_000)))
+    model = build.model(cfg)
+    if cfg.model.get("init_from") and saved is None:
+        copied = build.init_encoder(model, cfg.model["init_from"])
+        log.info("encoder initialised from %s (%d tensors)", cfg.model["init_from"], len(copied))
+    # channels_last makes the oneDNN convolutions faster; it leaves the LSTM's 2-D weights as they are.
+    model = model.to(proc.device, memory_format=torch.channels_last)
+    optimizer, scheduler = build.optimizer(cfg, model, num_batches(len(src.train), cfg.trainer.batch_size, True))
+    # With trainer.ema the weights that are evaluated and saved as "model" are an exponential moving average
+    # of the trained ones, which are kept as "train_model" for resuming.
+    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update(cfg.trainer.ema), use_buffers=True)
+           if cfg.trainer.ema else None)
+    state = TrainState()
+    if saved is not None:
+        model.load_state_dict(saved.get("train_model", saved["model"]))
+        if ema is not None:
+            ema.module.load_state_dict(saved["model"])
+            ema.n_averaged.fill_(saved["ema_n"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        restore_rng(saved, proc.rank)
+        state = TrainState(**saved["state"])
+        log.info("Resuming %s at epoch %d, step %d", out_dir, state.epoch + 1, state.global_step)
+    elif proc.rank:
+        # After the shared initialisation (same weights everywhere): every other rank its own dropout masks and
+        # label-order draws, or N ranks would add the same noise N times.
+        seed_everything(proc.seed)
+    train_model = model
+    if proc.world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None)
+    if cfg.trainer.compile:
+        train_model = torch.compile(train_model)
+    writer = NullWriter()
+    if proc.rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        # purge_step hides the points a killed run logged after its last checkpoint (steps after global_step),
+        # which this run logs again: no duplicates on resume.
+        writer = SummaryWriter(str(out_dir), purge_step=state.global_step + 1 if saved is not None else None)
+    log.info("task=%s model=%s params=%d train=%d val=%d test=%d device=%s%s", cfg.task, cfg.model["name"],
+             count_params(model), len(src.train), len(src.val), len(src.test), proc.device,
+             f" ranks={proc.world}" if proc.world > 1 else "")
+    return Training(cfg, out_dir, proc, task, src, model, train_model, ema, optimizer, scheduler, state, writer,
+                    scene_spec, t_start)
+
+
+def save(run: Training, path: Path, rngs: list[dict], **extra) -> None:
+    """Checkpoint the run to `path`: rank 0 writes; rngs = gather_rng(world), which every rank calls at the same
+    step."""
+    if run.proc.rank != 0:
+        return
+    weights = {"model": run.eval_model.state_dict()}
+    if run.ema is not None:
+        weights.update(train_model=run.model.state_dict(), ema_n=int(run.ema.n_averaged))
+    state = dataclasses.replace(run.state, wall_s=run.state.wall_s + time.time() - run.t_start)
+    checkpoint.save(path, {**weights, "optimizer": run.optimizer.state_dict(),
+                           "scheduler": run.scheduler.state_dict(), "rng": rngs[0],
+                           **({"rng_ranks": rngs} if run.proc.world > 1 else {}), "config": run.cfg.to_dict(),
+                           "classes": list(fashion_mnist.CLASSES), "params": count_params(run.model),
+                           "scene": run.scene_spec, "task_state": run.task.state(),
+                           "state": dataclasses.asdict(state), **extra})
+
+
+def stop_here(run: Training, signum: int) -> None:
+    log.warning("Stopped by %s at epoch %d, step %d; saved %s; continue with resume=%s",
+                signal.Signals(signum).name, run.state.epoch + 1, run.state.global_step, run.ckpt_dir / "last.pt",
+                run.out_dir)
+    run.writer.close()
+    raise SystemExit(128 + signum)
+
+
+def train_epoch(run: Training, stop: StopSignals) -> dict:
+    """Train one epoch (or the rest of one, on resume); its training record.
+
+    At each sync (every trainer.log_every steps) the per-step train/loss points are written, a due step
+    checkpoint is saved and the stop signals are checked: a signal saves last.pt and exits with 128 + its number.
+    A NaN or infinite loss stops the run with a UserError before its update lands.
+    """
+    cfg, st, epoch, per_epoch = run.cfg, run.state, run.state.epoch, run.steps_per_epoch
+    start = st.global_step - epoch * per_epoch
+    loader = batches(run.sources.train, cfg.trainer.batch_size, epoch=epoch, start=start, drop_last=True,
+                     rank=run.proc.rank, world=run.proc.world)
+    bar = progress_bar(run, per_epoch - start, f"epoch {epoch + 1}/{cfg.trainer.epochs}")
+    t_loop, steps, stopping = time.perf_counter(), 0, None
+    try:
+        for window in train_steps(run.train_model, run.task, run.optimizer, run.scheduler, loader,
+                                  device=run.proc.device, amp=run.proc.amp, grad_clip=cfg.optim.grad_clip,
+                                  first_step=st.global_step, log_every=cfg.trainer.log_every,
+                                  sync_every=cfg.trainer.ckpt_every, ema=run.ema):
+            first = window.step - len(window.losses) + 1
+            for i, loss in enumerate(window.losses):  # one point per step
+                run.writer.add_scalar("train/loss", loss, first + i)
+            steps, st.global_step = steps + len(window.losses), window.step
+            bar.update(len(window.losses))
+            bar.set_postfix(loss=f"{sum(window.losses) / len(window.losses):.3f}",
+                            **{k: f"{v:.3f}" for k, v in window.stats.items()}, refresh=False)
+            if cfg.trainer.ckpt_every and window.step % cfg.trainer.ckpt_every == 0:
+                save(run, run.ckpt_dir / "last.pt", gather_rng(run.proc.world))
+            stopping = stop.agreed(run.proc.world, run.proc.device)
+            if stopping is not None:
+                break
+    except NonFiniteLoss as exc:
+        kept = (f"{run.ckpt_dir / 'last.pt'} still holds the last good state" if (run.ckpt_dir / "last.pt").is_file()
+                else "no checkpoint was written yet")
+        raise UserError(f"The training loss became {exc.value} at step {exc.step} (epoch {epoch + 1}); "
+                        f"stopped, and {kept}; lower optim.lr or set optim.grad_clip.") from None
+    finally:
+        bar.close()
+    loop_s = time.perf_counter() - t_loop
+    st.loop_s, st.loop_steps = st.loop_s + loop_s, st.loop_steps + steps
+    if stopping is not None:
+        save(run, run.ckpt_dir / "last.pt", gather_rng(run.proc.world))
+        if run.proc.world > 1:  # torchrun tears the others down as soon as one rank exits: leave once last.pt is whole
+            dist.barrier()
+        stop_here(run, stopping)
+    return {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"],
+            "perf/ms_per_step": 1000 * loop_s / max(steps, 1),
+            "perf/samples_per_s": steps * cfg.trainer.batch_size / max(loop_s, 1e-9)}
+
+
+def progress_bar(run: Training, total: int, desc: str):
+    """A tqdm bar on rank 0 when trainer.progress is on (else a stand-in that does nothing)."""
+    if not run.cfg.trainer.progress or run.proc.rank != 0:
+        return NullWriter()
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
+
+
+def evaluate(run: Training, source, desc: str):
+    """(metrics, predictions, targets) of the evaluated model on a whole source."""
+    return score(run.eval_model, run.task, source, run.proc.device, run.proc.amp,
+                 progress=desc if run.cfg.trainer.progress else None)
+
+
+def validate(run: Training, record: dict) -> dict:
+    """Rank 0 after an epoch: add the train and val metrics to `record`, write it to TensorBoard, log one line."""
+    names = run.task.scalars
+    if len(run.sources.train_eval):
+        train_m, _, _ = evaluate(run, run.sources.train_eval, "train items")
+        # the per-step series owns train/loss; this is the loss of the fixed training items
+        record.update({f"train/{k}" if k != "loss" else "train/epoch_loss": train_m[k] for k in names if k in train_m})
+    val_m, _, _ = evaluate(run, run.sources.val, "validation")
+    record.update({f"val/{k}": val_m[k] for k in names if k in val_m})
+    for tag, value in record.items():
+        if tag != "epoch":
+            run.writer.add_scalar(tag, value, run.state.global_step)
+    run.writer.flush()
+    shown = ("acc", "epoch_loss", "loss", "f1_samples", "exact_match")
+    log.info("epoch %d/%d  %s  %.1f ms/step", record["epoch"], run.cfg.trainer.epochs, "  ".join(
+        f"{k}={v:.4f}" for k, v in record.items() if k.split("/")[0] in ("train", "val")
+        and k.split("/")[1] in shown), record["perf/ms_per_step"])
+    return record
+
+
+def end_epoch(run: Training, record: dict, stop: StopSignals) -> None:
+    """Close an epoch on every rank: history, best.pt if validation improved (rank 0 knows), last.pt, and a stop
+    signal that arrived meanwhile exits with 128 + its number."""
+    st = run.state
+    st.history.append(record)
+    st.epoch = record["epoch"]
+    value = record.get(f"val/{run.task.select}", -math.inf)  # rank 0 only: the others never write best.pt
+    rngs = gather_rng(run.proc.world)  # also keeps the ranks in step while rank 0 evaluates
+    if value > st.best:
+        st.best, st.best_epoch = value, st.epoch
+        save(run, run.ckpt_dir / "best.pt", rngs)
+    save(run, run.ckpt_dir / "last.pt", rngs)
+    signum = stop.agreed(run.proc.world, run.proc.device)
+    if signum is not None:  # every rank passed the agreement after rank 0 wrote last.pt
+        log.warning("Stopped by %s after epoch %d; saved %s; continue with resume=%s", signal.Signals(signum).name,
+                    st.epoch, run.ckpt_dir / "last.pt", run.out_dir)
+        raise SystemExit(128 + signum)
+
+
+def test(run: Training, oracle: Path | None = None) -> dict:
+    """Test the best checkpoint once; write metrics.json, curves.png, figures, hparams; mark the run finished."""
+    cfg, task, st = run.cfg, run.task, run.state
+    best = checkpoint.load(run.ckpt_dir / "best.pt")
+    run.eval_model.load_state_dict(best["model"])
+    summary = {}
+    if task.tunes:
+        summary.update(task.tune(*evaluate(run, run.sources.val, "tuning on validation")[1:]))
+        log.info("tuned on validation: %s", summary)
+    metrics, test_out, test_t = evaluate(run, run.sources.test, "test")
+    results = {f"test/{k}": v for k, v in metrics.items()}
+    summary.update({"params": count_params(run.model), "train/ms_per_step": 1000 * st.loop_s / max(st.loop_steps, 1),
+                    "wall_time_s": st.wall_s + time.time() - run.t_start, f"val/{task.select}_best": st.best,
+                    "best_epoch": st.best_epoch, "epochs": st.epoch, "hardware": hardware(run.proc.device)})
+    if task.uses_oracle and oracle is not None:
+        summary.update(score_oracle(oracle, cfg.data.test_grid, run.sources.test, run.proc.device))
+    results.update(summary)
+    for tag, fig in task.figures(test_out, test_t, run.sources.test).items():
+        run.writer.add_figure(tag, fig, st.global_step, close=False)
+        viz.save(fig, run.out_dir / "figures" / f"{tag.replace('/', '_')}.png")
+    run.writer.add_hparams(flat_hparams(cfg), {f"test/{k}": results.get(f"test/{k}", math.nan)
+                                               for k in ALL_TEST_SCALARS}, run_name=".", global_step=st.global_step)
+    write_atomic(run.out_dir / "metrics.json", strict_json(results, indent=2) + "\n")
+    title = (f"{cfg.task} ({summary['params']:,} parameters): best val {task.select} {st.best:.4f} at epoch "
+             f"{st.best_epoch}, test {results[f'test/{task.select}']:.4f}")
+    viz.save(viz.curves(st.history, task.select, title), run.out_dir / "curves.png")
+    st.finished = True
+    for name in ("best.pt", "last.pt"):
+        saved = best if name == "best.pt" else checkpoint.load(run.ckpt_dir / name)
+        checkpoint.save(run.ckpt_dir / name, {**saved, "task_state": task.state(), "summary": summary,
+                                              "state": {**saved["state"], "finished": name == "last.pt"}})
+    log.info("test: %s", "  ".join(f"{k}={results[f'test/{k}']:.4f}" for k in task.scalars if f"test/{k}" in results))
+    if results[f"test/{task.select}"] == 0:
+        log.warning("test %s is 0 after %d steps: the model has not learned to name items yet; train longer "
+                    "(trainer.epochs, data.limit)", task.select, st.global_step)
+    log.info("wrote %s (%.0f s)", run.out_dir / "metrics.json", summary["wall_time_s"])
+    return results
+
+
+def score_oracle(path: Path, grid: int, source, device: torch.device) -> dict:
+    """oracle/* metrics: the task=cnn checkpoint at `path` on each occupied cell of the same composites."""
+    metrics, _, _ = score(build.oracle_model(path, device), TileOracle(grid), source, device, with_loss=False)
+    log.info("tile oracle (%s): f1_samples=%.4f exact_match=%.4f", path, metrics["f1_samples"],
+             metrics["exact_match"])
+    return {**{f"oracle/{k}": v for k, v in metrics.items()}, "oracle/ckpt": str(path)}
+
+
+def flat_hparams(cfg: Config) -> dict:
+    flat = {"task": cfg.task, "seed": cfg.seed, **{f"trainer.{k}": v for k, v in vars(cfg.trainer).items()},
+            **{f"optim.{k}": v for k, v in vars(cfg.optim).items()},
+            **{f"data.{k}": v for k, v in vars(cfg.data).items() if k != "root"},
+            **{f"model.{k}": v for k, v in cfg.model.items()}, "eval.tta": cfg.eval.tta}
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat.items()}
+
+
+def hardware(device: torch.device) -> str:
+    """What the run ran on, for the results tables: the GPU's name, or the CPU's and the threads used."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+# --- what the command line runs: the run, after the model it needs first ------------------------------------
+
+def run(cfg: Config, out_dir: str | Path, saved: dict | None = None) -> dict | None:
+    """Train this run's model, after the tile oracle's cnn where the task scores one (a cached run of its own)."""
+    t_start = time.time()
+    oracle = prepare_oracle(cfg, Path(out_dir)) if make_task(cfg).uses_oracle else None
+    results = fit(cfg, out_dir, saved, oracle)
+    if results is not None and oracle is not None:
+        log.info("done in %.0f s, the tile oracle's cnn included", time.time() - t_start)
+    return results
+
+
+def oracle_config(cfg: Config) -> Config:
+    """The tile oracle's cnn: task=cnn with the composite encoder's per-item stage (same convs, its dense layer
+    the cell conv), on the run's items, so the comparison is of what each model does with the same reader."""
+    m, d, t = cfg.model, cfg.data, cfg.trainer
+    model = {"channels": m["channels"], "convs": m["convs"], "pool_first": m["pool_first"],
+             **({"hidden": m["cell_dim"]} if m.get("cell") else {})}
+    trainer = {"device": t.device, "progress": t.progress, "threads": t.threads,
+               **({"epochs": cfg.oracle.epochs} if cfg.oracle.epochs else {})}
+    data = {"root": d.root, "val_size": d.val_size, "seed": d.seed, "limit": d.limit,
+            "train_eval_size": d.train_eval_size, "degrade": d.degrade}
+    return preset("cnn", seed=cfg.seed, model=model, trainer=trainer, data=data)
+
+
+def recipe_digest(cfg: Config) -> str:
+    """8 hex digits of everything that shapes a model (not where or how fast it trains; the data's real folder)."""
+    values = cfg.to_dict()
+    values["trainer"] = {k: v for k, v in values["trainer"].items() if k not in ("device", "threads", "progress")}
+    values["data"]["root"] = str(Path(cfg.data.root).resolve())
+    values.pop("resume")
+    return hashlib.md5(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def prepare_oracle(cfg: Config, out_dir: Path) -> Path | None:
+    """The tile oracle's checkpoint: oracle.ckpt, or the cnn trained (or continued, or reused) in oracle.cache."""
+    if cfg.oracle.ckpt:
+        return Path(cfg.oracle.ckpt)
+    if not cfg.oracle.train:
+        return None
+    ocfg = oracle_config(cfg)
+    folder = Path(cfg.oracle.cache) / f"cnn-{recipe_digest(ocfg)}" if cfg.oracle.cache else out_dir / "oracle"
+    log.info("tile oracle: the single-label cnn (task=cnn, %d epochs on the run's items) in %s, trained first "
+             "unless it is there already, and reused by later runs on the same items; oracle.ckpt=PATH uses another, "
+             "oracle.train=false none", ocfg.trainer.epochs, folder)
+    return train_cached(ocfg, folder)
+
+
+def train_cached(cfg: Config, folder: Path) -> Path:
+    """Train `cfg` in `folder` once: continued if it was interrupted, reused once finished; its best.pt. A lock
+    makes a second process wait for the first; under torchrun rank 0 trains it alone and the others wait."""
+    from cnnrnn.ranks import process_rank
+
+    best, last = folder / "checkpoints" / "best.pt", folder / "checkpoints" / "last.pt"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = folder.parent / f".{folder.name}.lock"
+    while True:
+        with open(lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process training this very model: wait, then reuse it
+            saved = checkpoint.load(last) if last.is_file() else None
+            if saved is not None and saved["state"]["finished"]:
+                return best
+            if process_rank() == 0:
+                if saved is not None:
+                    log.info("continuing %s", folder)
+                with log_file(folder / "train.log"):
+                    fit(cfg, folder, saved, distributed=False)
+                return best
+        time.sleep(5)  # a rank other than 0: wait for rank 0 to train it
+
+
+class log_file:
+    """A context in which the project's log also goes to `path` (a cached model's own train.log)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handler = logging.FileHandler(self.path)
+        self.handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s", "%H:%M:%S"))
+        log.addHandler(self.handler)
+
+    def __exit__(self, *exc):
+        log.removeHandler(self.handler)
+        self.handler.close()
