@@ -13,6 +13,7 @@ from cnnrnn.config import Config, from_dict
 from cnnrnn.data.fashion_mnist import CLASSES
 from cnnrnn.errors import UserError
 from cnnrnn.models import build_model
+from cnnrnn.models.cnn import SmallCNN
 from cnnrnn.tasks import make_task
 
 
@@ -25,9 +26,14 @@ def model(cfg: Config) -> nn.Module:
 def optimizer(cfg: Config, net: nn.Module, steps_per_epoch: int):
     """AdamW or SGD (fused where the device allows) and a per-step schedule: linear warm-up, then cosine."""
     o = cfg.optim
-    decay = [p for p in net.parameters() if p.ndim > 1]      # no weight decay on biases and norm scales
-    rest = [p for p in net.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    groups: dict[tuple, list] = {}
+    for name, p in net.named_parameters():
+        if p.requires_grad:  # a frozen reader's are not
+            lr = o.lr * (o.reader_lr if name.startswith("reader.") else 1.0)
+            # no weight decay on biases and norm scales
+            groups.setdefault((lr, o.weight_decay if p.ndim > 1 else 0.0), []).append(p)
+    groups = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in
+              sorted(groups.items(), key=lambda g: (-g[0][0], -g[0][1]))]
     if o.name == "adamw":
         # One fused kernel for the whole update (CPU and CUDA, torch >= 2.4): measurably faster per step.
         opt = torch.optim.AdamW(groups, lr=o.lr, fused=True)
@@ -83,42 +89,23 @@ def from_checkpoint(state: dict, path, device: torch.device | str = "cpu"):
     return cfg, net, make_task(cfg, state=task_state)
 
 
-def init_encoder(net: nn.Module, path) -> list[str]:
-    """Copy a single-label cnn checkpoint's per-item stage into net's encoder (cnn_rnn or cnn_bce): all its
-    conv and batch-norm tensors (same names and shapes: the same channels, convs and pool_first), and its
-    first dense layer over the flattened (C, h, w) map into the cell conv where that has as many outputs (the
-    cell conv is that dense layer applied to each cell). Returns the names copied; a sentence if the
-    checkpoint is not a single-label cnn or its conv stack does not fit."""
-    src_cfg, src, _ = from_checkpoint(checkpoint.load(path), path)
-    if src_cfg.task != "cnn":
-        raise UserError(f"model.init_from={path} holds a task={src_cfg.task} model, but the encoder starts only "
-                        f"from a single-label cnn; give a task=cnn run's checkpoints/best.pt.")
-    src_state, dst_state = src.state_dict(), net.state_dict()
-    copied = {k: v for k, v in src_state.items() if k.startswith("encoder.") and k in dst_state
-              and dst_state[k].shape == v.shape}
-    dense = next(m for m in src.head if isinstance(m, nn.Linear))
-    cell = [i for i, m in enumerate(net.encoder.layers) if isinstance(m, nn.Conv2d) and m.stride[0] > 1]
-    if cell:
-        key = f"encoder.layers.{cell[0]}.weight"
-        if dense.weight.numel() == dst_state[key].numel() and dense.weight.shape[0] == dst_state[key].shape[0]:
-            copied[key] = dense.weight.reshape(dst_state[key].shape)   # (hidden, C*h*w) -> (hidden, C, h, w)
-    missing = [k for k in src_state if k.startswith("encoder.") and k not in copied]
-    if missing:  # a partial stack would feed the copied layers from random ones: no transfer at all
-        raise UserError(f"model.init_from={path} does not fit this encoder ({missing[0]} has no counterpart of its "
-                        f"shape; the cnn has channels {list(src_cfg.model['channels'])}, {src_cfg.model['convs']} "
-                        f"conv(s) per stage); train the cnn with the same model.channels, model.convs and "
-                        f"model.pool_first.")
-    net.load_state_dict({**dst_state, **copied})
-    return sorted(copied)
-
-
-def oracle_model(path, device: torch.device | str = "cpu") -> nn.Module:
-    """The tile oracle's single-label cnn from a checkpoint, or a sentence why that checkpoint cannot serve."""
+def reader_model(path, device: torch.device | str = "cpu", what: str = "model.init_from") -> SmallCNN:
+    """A per-item reader (a single-label cnn: task=reader or cnn) from a checkpoint, or a sentence why it cannot
+    serve as one (`what` names the setting that gave the path)."""
     cfg, net, _ = from_checkpoint(checkpoint.load(path), path, device)
-    if cfg.task != "cnn":
-        raise UserError(f"The tile oracle needs a checkpoint of task=cnn, but {path} holds task={cfg.task}; "
-                        f"set oracle.ckpt to a cnn run's checkpoints/best.pt.")
+    if not isinstance(net, SmallCNN):
+        raise UserError(f"{what}={path} holds a task={cfg.task} model, but a reader is a single-label cnn; give the "
+                        f"checkpoints/best.pt of a task=reader (or task=cnn) run.")
     return net
+
+
+def init_encoder(net: nn.Module, path) -> None:
+    """Load a reader checkpoint into a composite model's reader, exactly; a sentence if its shape differs."""
+    try:
+        net.reader.load_state_dict(reader_model(path).state_dict())
+    except RuntimeError:
+        raise UserError(f"model.init_from={path} is a reader of another shape than this model's; train it with the "
+                        f"same model.channels, model.convs, model.pool_first and hidden = model.cell_dim.") from None
 
 
 def probe(cfg: Config, task) -> None:
@@ -138,11 +125,10 @@ def probe(cfg: Config, task) -> None:
 
 
 def preflight(cfg: Config) -> None:
-    """Check the model and every file a run will read (scene, model.init_from, oracle.ckpt) before any work."""
+    """Check the model and every file a run will read (scene, model.init_from) before any work."""
     task = make_task(cfg)
     probe(cfg, task)
     task.scene_spec(cfg)
     if cfg.model.get("init_from"):
         init_encoder(model(cfg), cfg.model["init_from"])
-    if task.uses_oracle and cfg.oracle.ckpt:
-        oracle_model(cfg.oracle.ckpt)
+

@@ -2,10 +2,12 @@
 
 Reads each run's metrics.json, its config (.hydra/config.yaml, else checkpoints/last.pt) and its validation
 curve from the TensorBoard events, and writes into DIR `table.md` (single-label and multi-label runs in a table
-each; also printed) and `curves.png` (every run's validation curve). A sweep folder stands for every run below
-it, except the tile oracle's cnn in a run's oracle/. When the multi-label runs differ in data.degrade (the
-context experiment, `python -m cnnrnn.train -m +experiment=context`), also `context.md` and `context.png`: test
-f1_samples and exact match per model and degrade level, beside the tile oracle.
+each; also printed) and `curves.png` (every run's validation curve). A folder stands for every run below it;
+runs that have not finished, or whose metrics.json is not a flat object of numbers, are left out with a warning.
+When the multi-label runs differ in data.degrade (the context experiment, `python -m cnnrnn.train -m
++experiment=context`), also `context.md` and `context.png`: test f1_samples and exact match per model and degrade
+level, beside the tile oracle. DIR defaults to the one folder of runs given, else runs/compare/TIME; compare
+writes only into a new or empty folder or one it wrote before, and never over a file it did not make.
 """
 from __future__ import annotations
 
@@ -13,18 +15,22 @@ import argparse
 import glob
 import json
 import logging
+import math
 import os
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cnnrnn.errors import UserError, fail
+from cnnrnn.files import write_atomic
 
 log = logging.getLogger("cnnrnn")
 
 DASH = "–"
 ARMS = ("decoder", "decoder, no feedback", "BCE")  # the context experiment's rows, in this order
 ORACLE = "tile oracle"
+MARK = ".compare"  # in an output folder: the files compare wrote there, one per line
 
 
 @dataclass
@@ -36,13 +42,14 @@ class Run:
     curve: list[tuple[int, float, float]] = field(default_factory=list)  # (epoch, seconds since start, value)
 
     @property
-    def kind(self) -> str:
-        return "single" if "test/acc" in self.metrics else "multi"
+    def single(self) -> bool:
+        """A single-label run (accuracy), else a multi-label one (F1 on composites)."""
+        return "test/acc" in self.metrics
 
     @property
     def select(self) -> str:
         """The validation metric the run was selected on."""
-        return "acc" if self.kind == "single" else "f1_samples"
+        return "acc" if self.single else "f1_samples"
 
     @property
     def task(self) -> str:
@@ -50,7 +57,9 @@ class Run:
 
     @property
     def degrade(self) -> float:
-        return float(self.config.get("data", {}).get("degrade", 0.0) or 0.0)
+        data = self.config.get("data")
+        value = data.get("degrade", 0.0) if isinstance(data, dict) else 0.0
+        return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 # --- finding runs -------------------------------------------------------------------------------------------
@@ -59,43 +68,33 @@ def _looks_like_run(folder: Path) -> bool:
     return (folder / "metrics.json").is_file() or (folder / ".hydra").is_dir() or (folder / "checkpoints").is_dir()
 
 
-def _is_oracle(folder: Path) -> bool:
-    """The tile oracle's cnn, trained inside a multi-label run (RUN/oracle): not a run of the comparison."""
-    return folder.name == "oracle" and _looks_like_run(folder.parent)
-
-
-def _unfinished(folder: Path, more: int = 0) -> UserError:
+def _unfinished(folder: Path, more: int = 0) -> str:
     others = f" (and {more} more run{'s' if more > 1 else ''} like it)" if more else ""
-    return UserError(f"{folder} has no metrics.json{others}: the run is unfinished or failed; finish it with "
-                     f"python -m cnnrnn.train resume={folder}, or leave it out.")
+    return (f"{folder} has no metrics.json{others}: the run is unfinished or failed; finish it with python -m "
+            f"cnnrnn.train resume={folder}, or leave it out.")
 
 
-def runs_in(path: Path) -> list[Path]:
-    """The run dirs a command-line path stands for: a run dir, its metrics.json, or a folder of runs."""
+def runs_in(path: Path) -> tuple[list[Path], list[Path]]:
+    """(finished, unfinished) run dirs a command-line path stands for: a run dir, its metrics.json, or a folder."""
     if not path.exists():
         raise UserError(f"{path} does not exist; give a run dir (runs/TASK/TIME), a sweep folder or a glob.")
     if path.is_file():
         if path.name == "metrics.json":
-            return [path.parent]
+            return [path.parent], []
         raise UserError(f"{path} is a file, not a run; give a run dir (runs/TASK/TIME), a sweep folder or a glob.")
-    if (path / "metrics.json").is_file():
-        return [path]
     if _looks_like_run(path):
-        raise _unfinished(path)
-    below = {p.parent for pattern in ("metrics.json", ".hydra", "checkpoints") for p in path.rglob(pattern)}
-    below = sorted(d for d in below if not _is_oracle(d))
-    unfinished = [d for d in below if not (d / "metrics.json").is_file()]
-    if unfinished:
-        raise _unfinished(unfinished[0], len(unfinished) - 1)
+        return ([path], []) if (path / "metrics.json").is_file() else ([], [path])
+    below = sorted({p.parent for pattern in ("metrics.json", ".hydra", "checkpoints") for p in path.rglob(pattern)})
     if not below:
         raise UserError(f"{path} holds no run (no metrics.json in it or below it); give a run dir "
                         f"(runs/TASK/TIME) or a sweep folder.")
-    return below
+    return [d for d in below if (d / "metrics.json").is_file()], [d for d in below if not (d / "metrics.json").is_file()]
 
 
 def find_runs(inputs: list[str]) -> list[Path]:
-    """Every run dir named by the inputs (paths or globs), each once, in the order given."""
-    found = []
+    """Every finished run dir named by the inputs (paths or globs), each once, in the order given; the unfinished
+    ones are left out with a warning (an error if no run is left)."""
+    found, unfinished = [], []
     for arg in inputs:
         paths = [Path(arg)]
         if not paths[0].exists() and glob.has_magic(arg):
@@ -103,7 +102,12 @@ def find_runs(inputs: list[str]) -> list[Path]:
             if not paths:
                 raise UserError(f"{arg} matches nothing; give run dirs, a sweep folder or a glob that matches them.")
         for path in paths:
-            found += runs_in(path)
+            done, not_done = runs_in(path)
+            found, unfinished = found + done, unfinished + not_done
+    if not found and unfinished:
+        raise UserError(_unfinished(unfinished[0], len(unfinished) - 1))
+    for folder in unfinished:
+        log.warning("left out: %s", _unfinished(folder))
     unique = {}
     for run in found:
         unique.setdefault(run.resolve(), run)
@@ -113,14 +117,14 @@ def find_runs(inputs: list[str]) -> list[Path]:
 # --- reading a run ------------------------------------------------------------------------------------------
 
 def read_config(run: Path) -> dict:
-    """The run's config: Hydra's .hydra/config.yaml, else the one its checkpoints/last.pt carries, else {}."""
+    """The run's config: .hydra/config.yaml, else the one its checkpoints/last.pt carries, else {}."""
     hydra = run / ".hydra" / "config.yaml"
     if hydra.is_file():
         import yaml
 
         try:
             config = yaml.safe_load(hydra.read_text())
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
             raise UserError(f"{hydra} is not readable YAML ({str(exc).splitlines()[0]}); restore it, or move "
                             f".hydra away so that the config is read from checkpoints/last.pt.") from None
         return config if isinstance(config, dict) else {}
@@ -146,13 +150,23 @@ def val_curve(run: Path, tag: str) -> list[tuple[int, float, float]]:
     return [(i + 1, e.wall_time - start, e.value) for i, e in enumerate(acc.Scalars(tag))]
 
 
-def read_run(path: Path) -> Run:
+def read_run(path: Path) -> Run | None:
+    """The run, or None (with a warning) when its metrics.json is not a JSON object."""
     try:
         metrics = json.loads((path / "metrics.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise UserError(f"{path / 'metrics.json'} is not valid JSON ({exc}); recompute it with "
-                        f"python -m cnnrnn.evaluate {path}, or leave the run out.") from None
-    run = Run(path, metrics, read_config(path))
+        log.warning("left out: %s is not valid JSON (%s); recompute it with python -m cnnrnn.evaluate %s",
+                    path / "metrics.json", exc, path)
+        return None
+    if not isinstance(metrics, dict):
+        log.warning("left out: %s holds a %s, not an object of metrics", path / "metrics.json", type(metrics).__name__)
+        return None
+    # a number that is not one (a string, a list, a bool) would break the tables: only real numbers are kept
+    kept = {k: v for k, v in metrics.items() if k == "hardware" or isinstance(v, (int, float))
+            and not isinstance(v, bool) and math.isfinite(v)}
+    if len(kept) < len(metrics):
+        log.warning("%s: %d entries that are not numbers left out", path / "metrics.json", len(metrics) - len(kept))
+    run = Run(path, kept, read_config(path))
     run.curve = val_curve(path, f"val/{run.select}")
     if not run.curve:
         log.warning("%s: no val/%s curve in its TensorBoard events", path, run.select)
@@ -187,9 +201,8 @@ def markdown(header: list[str], rows: list[list[str]], align: str) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def runs_table(runs: list[Run], kind: str) -> str:
-    """The runs of one kind: size, epochs, best validation, test metrics, speed and hardware."""
-    single = kind == "single"
+def runs_table(runs: list[Run], single: bool) -> str:
+    """Single-label or multi-label runs: size, epochs, best validation, test metrics, speed and hardware."""
     tests = [("test/acc", "**test acc**", ".2%")] if single else [
         ("test/f1_samples", "**test f1_samples**", ".4f"), ("test/exact_match", "exact match", ".4f"),
         ("test/f1_micro", "f1_micro", ".4f")]
@@ -211,11 +224,11 @@ def runs_table(runs: list[Run], kind: str) -> str:
 def table(runs: list[Run]) -> str:
     """table.md: a table for the single-label runs and one for the multi-label runs (those present)."""
     parts = []
-    for kind, title in (("single", "Single-label runs (Fashion-MNIST test set)"),
-                        ("multi", "Multi-label runs (test composites)")):
-        chosen = [r for r in runs if r.kind == kind]
+    for single, title in ((True, "Single-label runs (Fashion-MNIST test set)"),
+                          (False, "Multi-label runs (test composites)")):
+        chosen = [r for r in runs if r.single == single]
         if chosen:
-            parts.append(f"### {title}\n\n{runs_table(chosen, kind)}\n")
+            parts.append(f"### {title}\n\n{runs_table(chosen, single)}\n")
     return "\n".join(parts)
 
 
@@ -234,7 +247,7 @@ def arm(run: Run) -> str:
 def context_groups(runs: list[Run]) -> tuple[list[float], dict[str, dict[float, dict[str, float]]]] | None:
     """Degrade levels and {row: {level: {metric: value}}} (means over a group's runs), or None when the
     multi-label runs do not differ in data.degrade."""
-    multi = [r for r in runs if r.kind == "multi"]
+    multi = [r for r in runs if not r.single]
     levels = sorted({r.degrade for r in multi})
     if len(levels) < 2:
         return None
@@ -280,18 +293,26 @@ def context_table(levels: list[float], rows: dict) -> str:
 # --- the command --------------------------------------------------------------------------------------------
 
 def out_dir(inputs: list[str], out: str | None) -> Path:
-    """--out, else the single folder given when it is a folder of runs, else the current folder; never a run
-    dir, whose own curves.png would be overwritten."""
-    if out is None:
-        single = Path(inputs[0]) if len(inputs) == 1 else None
-        folder = single if single is not None and single.is_dir() and not _looks_like_run(single) else Path(".")
-    else:
+    """--out, else the single folder of runs given, else runs/compare/TIME (a new folder); never a run dir, whose
+    own curves.png would be overwritten, nor a folder of files that compare did not write."""
+    single = Path(inputs[0]) if len(inputs) == 1 else None
+    if out is not None:
         folder = Path(out)
+    elif single is not None and single.is_dir() and not _looks_like_run(single):
+        folder = single
+    else:
+        folder = Path("runs") / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
     if (folder / "metrics.json").is_file():
         raise UserError(f"--out {folder} is a run dir, whose own curves.png this would overwrite; choose another "
                         f"folder with --out.")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {folder} is a file; give a folder for table.md and curves.png.")
+    ours = set((folder / MARK).read_text().split()) if (folder / MARK).is_file() else set()
+    theirs = [n for n in ("table.md", "curves.png", "context.md", "context.png") if (folder / n).exists()
+              and n not in ours]
+    if theirs:
+        raise UserError(f"--out {folder} holds a {theirs[0]} that compare did not write; choose a new folder with "
+                        f"--out, so that nothing of yours is overwritten.")
     above = folder  # the folder is made at the end: check now that it can be, before the runs are read
     while not above.exists() and above != above.parent:
         above = above.parent
@@ -308,31 +329,30 @@ def compare(inputs: list[str], out: str | None = None, x: str = "epoch") -> dict
     from cnnrnn import viz
 
     folder = out_dir(inputs, out)
-    runs = [read_run(p) for p in find_runs(inputs)]
+    runs = [run for run in map(read_run, find_runs(inputs)) if run is not None]
+    if not runs:
+        raise UserError(f"none of {' '.join(inputs)} has a readable metrics.json; recompute them with python -m "
+                        f"cnnrnn.evaluate RUN_DIR.")
     name_runs(runs)
-    written = {"table.md": folder / "table.md", "curves.png": folder / "curves.png"}
+    written = {name: folder / name for name in ("table.md", "curves.png")}
     text = table(runs)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        written["table.md"].write_text(text)
-    except OSError as exc:
-        raise UserError(f"--out {folder} cannot be written ({exc.strerror or type(exc).__name__}); choose a folder "
-                        f"you can write to with --out.") from None
     series = {}
     for r in runs:
-        label = "val acc" if r.kind == "single" else "val f1_samples"
+        label = "val acc" if r.single else "val f1_samples"
         xs = [e if x == "epoch" else s / 60 for e, s, _ in r.curve]
         series.setdefault(label, []).append((r.name, xs, [v for _, _, v in r.curve]))
-    viz.save(viz.compare_curves(series, "epoch" if x == "epoch" else "wall time (min)"), written["curves.png"])
     context = context_groups(runs)
+    if context is not None:
+        written.update({name: folder / name for name in ("context.md", "context.png")})
+    write_atomic(folder / MARK, "\n".join(written) + "\n")  # first: what follows is compare's to replace
+    write_atomic(written["table.md"], text)
+    viz.save(viz.compare_curves(series, "epoch" if x == "epoch" else "wall time (min)"), written["curves.png"])
     if context is not None:
         levels, rows = context
         context_md = context_table(levels, rows)
         text += "\n" + context_md
-        written["context.md"] = folder / "context.md"
-        written["context.md"].write_text(context_md)
+        write_atomic(written["context.md"], context_md)
         lines = {label: [row.get(level, {}).get("test/f1_samples") for level in levels] for label, row in rows.items()}
-        written["context.png"] = folder / "context.png"
         viz.save(viz.by_degrade(levels, lines, "test f1_samples", dashed=(ORACLE,)), written["context.png"])
     print(text, end="")
     return written
@@ -342,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cnnrnn.compare", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run dirs, sweep folders or globs (quoted, e.g. 'runs/cnn/*')")
     parser.add_argument("--out", help="folder for table.md and curves.png (default: the single folder of runs "
-                                      "given, else the current folder)")
+                                      "given, else runs/compare/TIME)")
     parser.add_argument("--x", choices=("epoch", "time"), default="epoch", help="the curves' x axis")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

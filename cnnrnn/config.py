@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cnnrnn.data.composite import MAX_GRID
 from cnnrnn.errors import UserError
 from cnnrnn.models import MODELS, model_keys
 
@@ -85,11 +86,13 @@ class Data:
 
 
 @dataclass
-class Oracle:
-    ckpt: typing.Optional[str] = None      # composites: a single-label cnn checkpoint for the tile oracle; null = train
-    epochs: typing.Optional[int] = None    # epochs of that cnn; null = task=cnn's
-    cache: typing.Optional[str] = "runs/oracles"  # where such cnns are kept and reused; null = RUN/oracle
-    train: bool = True                     # false: no tile oracle (nothing trained besides the run's own model)
+class Reader:
+    """The composite models' first stage: the per-item reader, trained on single items (task=reader), cached."""
+    train: bool = True                     # without model.init_from: train the reader first and start from it; false:
+                                           # the whole model from scratch, and no tile oracle
+    epochs: typing.Optional[int] = None    # its epochs; null = task=reader's
+    cache: typing.Optional[str] = "runs/readers"  # where readers are kept, reused by every run with the same recipe
+                                           # and items; null = RUN_DIR/reader
 
 
 @dataclass
@@ -106,7 +109,7 @@ class Config:
     optim: Optim = field(default_factory=Optim)
     data: Data = field(default_factory=Data)
     model: dict = field(default_factory=lambda: model_keys("cnn_rnn"))  # name + the model's constructor arguments
-    oracle: Oracle = field(default_factory=Oracle)
+    reader: Reader = field(default_factory=Reader)
     eval: Eval = field(default_factory=Eval)
 
     @property
@@ -128,6 +131,11 @@ PRESETS: dict[str, dict] = {
               "optim": {"weight_decay": 0.1, "grad_clip": 1.0}, "data": {"augment": False}, "eval": {"tta": False}},
     # The write-up's CNN: conv32-pool-conv64-pool-dense128.
     "cnn": {"model": {"name": "cnn"}, "trainer": {"epochs": 40}, "eval": {"tta": False}},
+    # The per-item reader of the composite models: two convs per stage and a dense layer of 256, random shifts
+    # (crop with padding 2), a warm-up, a higher rate at batch 256; the recipe that won on validation within 15
+    # minutes of two CPU cores (docs/recipes.md).
+    "reader": {"model": {"name": "cnn", "convs": 2, "hidden": 256}, "trainer": {"epochs": 30, "batch_size": 256},
+               "optim": {"lr": 4e-3, "warmup_epochs": 1.0}, "data": {"shift": 2}},
     "multilabel": {},
     "multilabel_bce": {"model": {"name": "cnn_bce"}, "optim": {"label_smoothing": 0.0}},
     # Wider everywhere and a longer schedule, for a GPU; the same commands and outputs as task=multilabel.
@@ -270,9 +278,11 @@ def validate(cfg: Config) -> Config:
     _require(0 <= d.scale < 1, f"data.scale={d.scale} must be a fraction in [0, 1), e.g. 0.1.")
     _require(0 <= d.contrast < 1, f"data.contrast={d.contrast} must be a fraction in [0, 1), e.g. 0.2.")
     grids = d.grid if isinstance(d.grid, (list, tuple)) else [d.grid]
-    _require(len(grids) >= 1 and all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grids),
-             f"data.grid={d.grid!r} must be a grid size of at least 1, or a list of them (e.g. [2,3]).")
-    _require(d.eval_grid is None or d.eval_grid >= 1, f"data.eval_grid={d.eval_grid} must be at least 1 or null.")
+    _require(len(grids) >= 1 and all(isinstance(g, int) and not isinstance(g, bool) and 1 <= g <= MAX_GRID
+                                     for g in grids),
+             f"data.grid={d.grid!r} must be a grid size from 1 to {MAX_GRID}, or a list of them (e.g. [2,3]).")
+    _require(d.eval_grid is None or 1 <= d.eval_grid <= MAX_GRID, f"data.eval_grid={d.eval_grid} must be from 1 to "
+             f"{MAX_GRID}, or null.")
     _require(1 <= d.min_items, f"data.min_items={d.min_items} must be at least 1.")
     _require(d.min_items <= d.max_items, f"data.min_items={d.min_items} is larger than data.max_items="
              f"{d.max_items}; make min_items <= max_items.")
@@ -286,7 +296,7 @@ def validate(cfg: Config) -> Config:
     _require(0 <= d.degrade <= 1, f"data.degrade={d.degrade} must be a strength in [0, 1] (0 = off).")
     _require(bool(d.scene), "data.scene must name a scene: uniform, or a file under configs/scene/.")
     _require(d.epoch_size is None or d.epoch_size >= 1, f"data.epoch_size={d.epoch_size} must be at least 1.")
-    _require(cfg.oracle.epochs is None or cfg.oracle.epochs >= 1, f"oracle.epochs={cfg.oracle.epochs} must be at "
+    _require(cfg.reader.epochs is None or cfg.reader.epochs >= 1, f"reader.epochs={cfg.reader.epochs} must be at "
              f"least 1 or null.")
     name, expected = cfg.model.get("name"), PRESETS[cfg.task].get("model", {}).get("name", "cnn_rnn")
     _require(name == expected, f"model.name={name!r} cannot be trained by task={cfg.task} (it trains {expected}); "

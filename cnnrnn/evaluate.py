@@ -18,6 +18,7 @@ import torch
 
 from cnnrnn import build, checkpoint
 from cnnrnn.data import fashion_mnist
+from cnnrnn.data.composite import MAX_GRID
 from cnnrnn.engine import resolve_amp, score
 from cnnrnn.errors import UserError, fail
 from cnnrnn.files import strict_json
@@ -78,7 +79,7 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
                         f"single-label task={cfg.task} model; drop --oracle.")
     dev = run_device(device, cfg)
     if oracle:
-        build.oracle_model(oracle)  # a bad --oracle is found before the test set is scored
+        build.reader_model(oracle, what="--oracle")  # a bad --oracle is found before the test set is scored
     model = model.to(dev)
     splits = fashion_mnist.splits(data_root or cfg.data.root, cfg.data.val_size, cfg.data.limit, cfg.data.seed)
     src = task.sources(cfg, splits, state.get("scene"), device=dev)
@@ -107,8 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", help="where Fashion-MNIST is, if not where the run found it")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
                         help="where to evaluate (default: the device the run trained on, cpu where it is absent)")
-    parser.add_argument("--oracle", help="multi-label only: a task=cnn checkpoint for the tile oracle "
-                                         "(default: the one the run used)")
+    parser.add_argument("--oracle", help="multi-label only: a reader checkpoint for the tile oracle "
+                                         "(default: the run's reader)")
     parser.add_argument("--grid", type=int, help="test composites of N x N cells (default: the run's grid)")
     parser.add_argument("--max-items", type=int, help="test composites of 1..K items, the decoder naming at most K "
                                                       "(default: the run's data.max_items on its grid, else all "
@@ -118,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.device is not None:
             pick_device(args.device, "--device ")  # before the checkpoint is read
-        if args.grid is not None and args.grid < 1:
-            raise UserError(f"--grid {args.grid} must be at least 1 (cells per side).")
+        if args.grid is not None and not 1 <= args.grid <= MAX_GRID:
+            raise UserError(f"--grid {args.grid} must be from 1 to {MAX_GRID} (cells per side).")
         results = evaluate_checkpoint(args.ckpt, args.data_root, args.device, args.oracle, args.grid,
                                       args.max_items)
     except UserError as exc:

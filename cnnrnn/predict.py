@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from cnnrnn import inference
+from cnnrnn.data.composite import MAX_GRID
 from cnnrnn.data.fashion_mnist import SIDE
 from cnnrnn.errors import UserError, fail
 from cnnrnn.ranks import pick_device
@@ -39,7 +40,8 @@ def say(kind: str, message: str) -> None:
     print(f"{kind}: {message}", file=sys.stderr, flush=True)
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm"}
-BATCH = 256
+BATCH = 256         # images read at a time
+BATCH_CELLS = 2048  # 28x28 cells per forward pass: a bound on memory whatever the pictures' size
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
@@ -117,6 +119,10 @@ def read_image(path: Path, side: int, resize: bool, any_grid: bool = False) -> t
             raise UserError(f"{path} is {w}x{h} pixels, but this model reads {reads}; pass --resize to scale it "
                             f"to {side}x{side}.")
         img = img.resize((side, side), Image.BILINEAR)
+    elif (w // SIDE) * (h // SIDE) > MAX_GRID ** 2:  # one bound where pictures enter: memory, not pixels
+        raise UserError(f"{path} is {w}x{h} pixels, {(w // SIDE) * (h // SIDE):,} cells of {SIDE}x{SIDE}, more than "
+                        f"the {MAX_GRID ** 2} ({MAX_GRID}x{MAX_GRID}) a model reads; crop it, or pass --resize to "
+                        f"scale it to {side}x{side}.")
     return torch.from_numpy(np.array(img, dtype=np.uint8))
 
 
@@ -161,15 +167,17 @@ def run(args) -> int:
                 problems.append(str(exc))
                 say("error", str(exc))
         lines = {}
-        for shape in dict.fromkeys(img.shape for img in images):  # one forward pass per picture size
-            at = [i for i, img in enumerate(images) if img.shape == shape]
-            labels, scores = m.infer(torch.stack([images[i] for i in at]))
-            for i, idx, row in zip(at, labels, scores):
-                try:
-                    lines[i] = record(chunk[i], idx, row, m.classes, m.multiset)
-                except UserError as exc:
-                    problems.append(str(exc))
-                    say("error", str(exc))
+        for shape in dict.fromkeys(img.shape for img in images):  # forward passes of one picture size each
+            same = [i for i, img in enumerate(images) if img.shape == shape]
+            step = max(1, BATCH_CELLS // max(1, (shape[0] // SIDE) * (shape[1] // SIDE)))
+            for at in (same[k:k + step] for k in range(0, len(same), step)):
+                labels, scores = m.infer(torch.stack([images[i] for i in at]))
+                for i, idx, row in zip(at, labels, scores):
+                    try:
+                        lines[i] = record(chunk[i], idx, row, m.classes, m.multiset)
+                    except UserError as exc:
+                        problems.append(str(exc))
+                        say("error", str(exc))
         for i in sorted(lines):  # in the order the images were given
             print(lines[i], flush=True)
     return len(problems)

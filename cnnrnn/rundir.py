@@ -104,6 +104,7 @@ def claim(path: str | Path, key: str = "hydra.run.dir") -> Claim:
         found = Claim(path, fd, created)
         entries = sorted(p.name for p in path.iterdir())
         if not entries:
+            writable(found, key)
             return found
         found.release()
         if holds_run(path) and key == "hydra.run.dir":
@@ -120,6 +121,19 @@ def claim(path: str | Path, key: str = "hydra.run.dir") -> Claim:
     raise UserError(f"{key}={path} keeps disappearing while it is being claimed; choose another folder.")
 
 
+def writable(found: Claim, key: str) -> None:
+    """Refuse a folder this process cannot write (read-only, another user's), found by trying: permission bits
+    say nothing to root, nor about a read-only file system."""
+    try:
+        probe = found.path / f".write-test.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        found.release()
+        raise UserError(f"{key}={found.path} cannot be written ({exc.strerror or type(exc).__name__}); choose a "
+                        f"folder you can write to.") from None
+
+
 def lock_existing(path: str | Path) -> Claim:
     """Lock a run folder that is resumed, so two processes never continue the same run at once."""
     path = Path(os.path.abspath(path))
@@ -127,7 +141,9 @@ def lock_existing(path: str | Path) -> Claim:
     if fd is None:
         raise UserError(f"resume={path} is being written by another process right now; wait for it to end, then "
                         f"resume.")
-    return Claim(path, fd)
+    claim = Claim(path, fd)
+    writable(claim, "resume")
+    return claim
 
 
 def lock_job(path: Path) -> Claim:

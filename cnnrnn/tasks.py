@@ -128,6 +128,11 @@ class Composites:
     def target(self, batch) -> torch.Tensor:
         return batch["labels"]
 
+    @staticmethod
+    def inputs(batch) -> torch.Tensor:
+        """The model's input: the pictures, or a frozen reader's cell features computed before (CellFeatures)."""
+        return batch["feats"] if "feats" in batch else to_input(batch["image"])
+
     def figures(self, out: dict[str, torch.Tensor], target: torch.Tensor, source) -> dict:
         first = torch.arange(min(24, len(target)))
         images = source.batch(source.order(None)[first])["image"].cpu()
@@ -156,13 +161,16 @@ class MultiLabelBCE(Composites):
         self.label_smoothing = label_smoothing
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(to_input(batch["image"]))
+        logits = model(self.inputs(batch))
         target = batch["labels"] * (1 - self.label_smoothing) + self.label_smoothing / 2
         return F.binary_cross_entropy_with_logits(logits.float(), target), {}
 
     @torch.no_grad()
     def predict(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
-        return {"scores": flip_average(model, to_input(batch["image"]), self.tta, lambda z: z.float().sigmoid())}
+        if "feats" not in batch:
+            return {"scores": flip_average(model, to_input(batch["image"]), self.tta, lambda z: z.float().sigmoid())}
+        scores = model(batch["feats"]).float().sigmoid()  # a mirrored picture's cells: each cell mirrored
+        return {"scores": (scores + model(batch["feats_flip"]).float().sigmoid()) / 2 if self.tta else scores}
 
     def chosen(self, scores: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
         return scores >= (self.threshold if threshold is None else threshold)
@@ -288,7 +296,7 @@ class LabelSequence(Composites):
         return logits, torch.stack(chosen, dim=1)
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
-        x = to_input(batch["image"])
+        x = self.inputs(batch)
         if self.order == "orderless":
             logits, targets = self.orderless_targets(model, x, batch)
         else:
@@ -302,15 +310,19 @@ class LabelSequence(Composites):
     def predict(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
         # Only the image reaches the decoder, which feeds back its own outputs; the cells (where each true
         # class sits) are passed on beside the predictions for the grounding metric, never to the model.
-        out = model.generate(to_input(batch["image"]), flip=self.tta, max_labels=self.limit(batch["image"]))
+        x = self.inputs(batch)
+        if "feats_flip" in batch and self.tta:  # what read_cells(flip=True) computes from the pixels
+            x = (x + batch["feats_flip"]) / 2
+        out = model.generate(x, flip=self.tta and x.dim() == 4, max_labels=self.limit(x))
         pred = {"tokens": out["tokens"], "scores": out["scores"], "alpha": out["alpha"]}
         if "cells" in batch:
             pred["cells"] = batch["cells"]
         return pred
 
-    def limit(self, images: torch.Tensor) -> int:
-        """Most labels to decode for pictures (B, H, W): one per 28x28 cell, or max_items when set."""
-        cells = max(1, images.shape[-2] // SIDE) * max(1, images.shape[-1] // SIDE)
+    def limit(self, x: torch.Tensor) -> int:
+        """Most labels to decode for pictures (B, 1, H, W) or cell features (B, L, D): one per 28x28 cell, or
+        max_items when set."""
+        cells = x.shape[1] if x.dim() == 3 else max(1, x.shape[-2] // SIDE) * max(1, x.shape[-1] // SIDE)
         return min(cells, self.max_items) if self.max_items else cells
 
     def labels(self, out: dict[str, torch.Tensor]) -> list[list[int]]:

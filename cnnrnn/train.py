@@ -6,6 +6,7 @@ the sweep's folder is made. resume=RUN_DIR continues a stopped run exactly as it
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -21,7 +22,6 @@ from cnnrnn.files import write_atomic
 from cnnrnn.ranks import Stopped, cores, process_rank, processes_sharing_cores, share_of_cores
 
 log = logging.getLogger("cnnrnn")
-RESUME_FREE = ("oracle.ckpt",)  # keys a resume may change: they shape no training, and a bad one could not be fixed
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> None:
                 claim = claim_folder(folder, "hydra.run.dir", command.hydra)
     except UserError as exc:
         fail(str(exc))
+    except (KeyboardInterrupt, Stopped) as exc:  # while the command line is checked: nothing exists yet
+        signum = getattr(exc, "signum", signal.SIGINT)
+        if claim is not None:
+            claim.remove_all()
+        fail(f"Stopped by {signal.Signals(signum).name} before the run started; nothing was created.", 128 + signum)
     run_in(cfg, Path(folder), saved, claim, command.jobs[0], rank)
 
 
@@ -68,6 +73,7 @@ def run_in(cfg: Config, folder: Path, saved: dict | None, claim: rundir.Claim | 
     if claim is not None:
         folder = claim.path
     shell.log_to(folder if rank == 0 else None, logging.INFO if rank == 0 else logging.ERROR)
+    cfg, stages = training.prepare(cfg, folder)
     if rank == 0 and saved is None:
         write_atomic(folder / ".hydra" / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_atomic(folder / ".hydra" / "overrides.yaml", yaml.safe_dump(overrides))
@@ -79,7 +85,7 @@ def run_in(cfg: Config, folder: Path, saved: dict | None, claim: rundir.Claim | 
                  processes_sharing_cores())
     code = 0
     try:
-        training.run(cfg, folder, saved)
+        training.run(cfg, folder, saved, stages)
     except UserError as exc:
         log.error("%s", exc)
         code = 2
@@ -103,7 +109,7 @@ def run_in(cfg: Config, folder: Path, saved: dict | None, claim: rundir.Claim | 
 
 def continue_run(cfg: Config, command: shell.Command, lock: bool):
     """(config, folder, last.pt, claim) of a resumed run, or a sentence: an override that differs from the run's
-    own value is refused (a finished run changes nothing), except RESUME_FREE keys."""
+    own value is refused (for a finished run too, where it would change nothing)."""
     folder = Path(cfg.resume)
     last = folder / "checkpoints" / "last.pt"
     if not folder.is_dir():
@@ -113,11 +119,15 @@ def continue_run(cfg: Config, command: shell.Command, lock: bool):
                         f"start that run again without resume.")
     saved = checkpoint.load(last)
     old = checkpoint.entry(saved, "config", dict, last)
-    done = checkpoint.entry(saved, "state", dict, last).get("finished")
+    for key in ("model", "optimizer", "scheduler", "rng", "state"):  # every field a resumed run reads
+        checkpoint.entry(saved, key, dict, last)
+    if set(saved["state"]) != {f.name for f in dataclasses.fields(training.TrainState)}:
+        raise UserError(f"{last} holds a loop state of another version; start that run again without resume.")
+    done = saved["state"]["finished"]
     mine = cfg.to_dict()
     for line in command.jobs[0]:
         key = line.lstrip("+~").split("=", 1)[0]
-        if key.startswith("hydra") or key == "resume" or "/" in key or key in RESUME_FREE and not done:
+        if key.startswith("hydra") or key == "resume" or "/" in key:
             continue
         new, was = mine, old
         for part in key.split("."):
@@ -132,13 +142,7 @@ def continue_run(cfg: Config, command: shell.Command, lock: bool):
         print(f"Run {folder} is finished ({saved['state']['epoch']} epochs; results in {folder / 'metrics.json'}); "
               f"nothing to do.", file=sys.stderr)
         raise SystemExit(0)
-    kept = from_dict({**old, "resume": cfg.resume,
-                      "oracle": {**old["oracle"], **({"ckpt": cfg.oracle.ckpt} if cfg.oracle.ckpt else {})}})
-    if kept.oracle.ckpt:  # the rest was checked when the run started
-        try:
-            build.oracle_model(kept.oracle.ckpt)
-        except UserError as exc:
-            raise UserError(f"{str(exc).rstrip('.')}; a resumed run takes a new one as oracle.ckpt=PATH.") from None
+    kept = from_dict({**old, "resume": cfg.resume})
     edited = folder / ".hydra" / "config.yaml"
     if edited.is_file() and yaml.safe_load(edited.read_text()) != old:
         log.warning("%s differs from the config in %s, which the resumed run follows", edited, last)

@@ -25,6 +25,7 @@ from torch import nn
 from cnnrnn import build, checkpoint, viz
 from cnnrnn.config import Config, preset
 from cnnrnn.data import fashion_mnist
+from cnnrnn.data.composite import CellFeatures
 from cnnrnn.data.loader import batches, num_batches
 from cnnrnn.data.scene import format_statistics
 from cnnrnn.data.sources import Sources
@@ -77,6 +78,7 @@ class Training:
     writer: object                       # SummaryWriter on rank 0, NullWriter elsewhere
     scene_spec: dict | None
     t_start: float
+    resume_hint: str = ""                # how to continue after a stop: resume=RUN_DIR, or the same command again
 
     @property
     def eval_model(self) -> nn.Module:
@@ -93,11 +95,13 @@ class Training:
 
 
 def fit(cfg: Config, out_dir: str | Path, saved: dict | None = None, oracle: Path | None = None,
-        distributed: bool = True) -> dict | None:
+        distributed: bool = True, resume_hint: str = "") -> dict | None:
     """Train, select on validation, test once; write checkpoints, TensorBoard events, metrics.json, curves.png,
-    figures/. `saved`: a last.pt to continue from; `oracle`: a cnn checkpoint to score as the tile oracle.
-    Returns the test metrics (None on a rank other than 0)."""
+    figures/. `saved`: a last.pt to continue from; `oracle`: a reader checkpoint to score as the tile oracle;
+    `resume_hint`: what a stopped run says to continue it (default resume=OUT_DIR). Returns the test metrics
+    (None on a rank other than 0)."""
     run = setup(cfg, Path(out_dir), saved, distributed)
+    run.resume_hint = resume_hint or f"resume={out_dir}"
     with StopSignals() as stop:
         while run.state.epoch < cfg.trainer.epochs:
             record = train_epoch(run, stop)
@@ -114,7 +118,7 @@ def fit(cfg: Config, out_dir: str | Path, saved: dict | None = None, oracle: Pat
             return test(run, oracle)
     except Stopped as exc:
         log.warning("Stopped by %s during the final test evaluation; the training is complete in %s; finish the "
-                    "evaluation with resume=%s", signal.Signals(exc.signum).name, run.ckpt_dir, run.out_dir)
+                    "evaluation with %s", signal.Signals(exc.signum).name, run.ckpt_dir, run.resume_hint)
         raise SystemExit(128 + exc.signum) from None
     finally:
         run.writer.close()
@@ -135,10 +139,19 @@ def setup(cfg: Config, out_dir: Path, saved: dict | None = None, distributed: bo
                  format_statistics(src.train.statistics(100_000)))
     model = build.model(cfg)
     if cfg.model.get("init_from") and saved is None:
-        copied = build.init_encoder(model, cfg.model["init_from"])
-        log.info("encoder initialised from %s (%d tensors)", cfg.model["init_from"], len(copied))
+        build.init_encoder(model, cfg.model["init_from"])
+        log.info("reader from %s", cfg.model["init_from"])
     # channels_last makes the oneDNN convolutions faster; it leaves the LSTM's 2-D weights as they are.
     model = model.to(proc.device, memory_format=torch.channels_last)
+    if cfg.optim.reader_lr == 0 and hasattr(model, "freeze_reader"):
+        model.freeze_reader()
+        if cacheable(cfg.data):  # every source but test, which the final model reads from its pixels
+            train, val = (cell_features(model.reader, s.split.images, proc) for s in (src.train_eval, src.val))
+            src.train = CellFeatures(src.train, *train, cfg.data.hflip if cfg.data.augment else 0.0)
+            src.train_eval, src.val = CellFeatures(src.train_eval, *train, fixed=True), CellFeatures(src.val, *val,
+                                                                                                     fixed=True)
+            log.info("reader frozen: its features of the %d training and %d validation items computed once",
+                     len(train[0]), len(val[0]))
     optimizer, scheduler = build.optimizer(cfg, model, num_batches(len(src.train), cfg.trainer.batch_size, True))
     # With trainer.ema the weights that are evaluated and saved as "model" are an exponential moving average
     # of the trained ones, which are kept as "train_model" for resuming.
@@ -178,6 +191,33 @@ def setup(cfg: Config, out_dir: Path, saved: dict | None = None, distributed: bo
                     scene_spec, t_start)
 
 
+def cacheable(d) -> bool:
+    """Whether a frozen reader's features of the training items can be computed once: flips at most (computed
+    both ways), no shifts, erasing, albumentations or degradation, which change an item every time."""
+    return not d.degrade and (not d.augment or not (d.shift or d.erase or d.rotate or d.scale or d.contrast))
+
+
+@torch.no_grad()
+def cell_features(reader: nn.Module, images: torch.Tensor, proc: Process) -> tuple[torch.Tensor, ...]:
+    """The reader's features (N, D) of uint8 items (N, 28, 28), of their mirror images, and (D,) of a black cell."""
+    from cnnrnn.engine import autocast
+    from cnnrnn.tasks import to_input
+
+    reader.eval()
+    blank = torch.zeros(1, *images.shape[1:], dtype=images.dtype, device=images.device)
+    out = []
+    for flip in (False, True):
+        parts = []
+        for i in range(0, len(images), 1000):
+            x = to_input(images[i:i + 1000]).contiguous(memory_format=torch.channels_last)
+            with autocast(proc.device, proc.amp):
+                parts.append(reader.embed(x.flip(-1) if flip else x).float())
+        out.append(torch.cat(parts))
+    with autocast(proc.device, proc.amp):
+        out.append(reader.embed(to_input(blank)).float()[0])
+    return tuple(out)
+
+
 def save(run: Training, path: Path, rngs: list[dict], **extra) -> None:
     """Checkpoint the run to `path`: rank 0 writes; rngs = gather_rng(world), which every rank calls at the same
     step."""
@@ -196,9 +236,8 @@ def save(run: Training, path: Path, rngs: list[dict], **extra) -> None:
 
 
 def stop_here(run: Training, signum: int) -> None:
-    log.warning("Stopped by %s at epoch %d, step %d; saved %s; continue with resume=%s",
-                signal.Signals(signum).name, run.state.epoch + 1, run.state.global_step, run.ckpt_dir / "last.pt",
-                run.out_dir)
+    log.warning("Stopped by %s at epoch %d, step %d; saved %s; continue with %s", signal.Signals(signum).name,
+                run.state.epoch + 1, run.state.global_step, run.ckpt_dir / "last.pt", run.resume_hint)
     run.writer.close()
     raise SystemExit(128 + signum)
 
@@ -300,8 +339,8 @@ def end_epoch(run: Training, record: dict, stop: StopSignals) -> None:
     save(run, run.ckpt_dir / "last.pt", rngs)
     signum = stop.agreed(run.proc.world, run.proc.device)
     if signum is not None:  # every rank passed the agreement after rank 0 wrote last.pt
-        log.warning("Stopped by %s after epoch %d; saved %s; continue with resume=%s", signal.Signals(signum).name,
-                    st.epoch, run.ckpt_dir / "last.pt", run.out_dir)
+        log.warning("Stopped by %s after epoch %d; saved %s; continue with %s", signal.Signals(signum).name,
+                    st.epoch, run.ckpt_dir / "last.pt", run.resume_hint)
         raise SystemExit(128 + signum)
 
 
@@ -345,8 +384,12 @@ def test(run: Training, oracle: Path | None = None) -> dict:
 
 
 def score_oracle(path: Path, grid: int, source, device: torch.device) -> dict:
-    """oracle/* metrics: the task=cnn checkpoint at `path` on each occupied cell of the same composites."""
-    metrics, _, _ = score(build.oracle_model(path, device), TileOracle(grid), source, device, with_loss=False)
+    """oracle/* metrics: the reader checkpoint at `path` on each occupied cell of the same composites."""
+    if not Path(path).is_file():
+        log.warning("no tile oracle: its reader %s is gone", path)
+        return {}
+    model = build.reader_model(path, device, "the tile oracle's reader")
+    metrics, _, _ = score(model, TileOracle(grid), source, device, with_loss=False)
     log.info("tile oracle (%s): f1_samples=%.4f exact_match=%.4f", path, metrics["f1_samples"],
              metrics["exact_match"])
     return {**{f"oracle/{k}": v for k, v in metrics.items()}, "oracle/ckpt": str(path)}
@@ -373,29 +416,37 @@ def hardware(device: torch.device) -> str:
     return f"{name}, {torch.get_num_threads()} threads"
 
 
-# --- what the command line runs: the run, after the model it needs first ------------------------------------
+# --- what the command line runs: the stages a run needs first, then the run ------------------------------------
 
-def run(cfg: Config, out_dir: str | Path, saved: dict | None = None) -> dict | None:
-    """Train this run's model, after the tile oracle's cnn where the task scores one (a cached run of its own)."""
-    t_start = time.time()
-    oracle = prepare_oracle(cfg, Path(out_dir)) if make_task(cfg).uses_oracle else None
-    results = fit(cfg, out_dir, saved, oracle)
-    if results is not None and oracle is not None:
-        log.info("done in %.0f s, the tile oracle's cnn included", time.time() - t_start)
-    return results
+@dataclass
+class Stage:
+    """A model a run needs before its own training (the per-item reader), kept in `folder` and reused."""
+    what: str
+    cfg: Config
+    folder: Path
+
+    @property
+    def done(self) -> bool:
+        last = self.folder / "checkpoints" / "last.pt"
+        return last.is_file() and checkpoint.load(last)["state"]["finished"]
+
+    def describe(self) -> str:
+        limit = self.cfg.data.limit
+        return (f"{self.what} (task={self.cfg.task}, {self.cfg.trainer.epochs} epochs"
+                f"{f' on the first {limit:,} training items' if limit else ''}) in {self.folder}: "
+                + ("trained already, reused" if self.done else "trained first, then kept for every run with the "
+                   "same recipe and items"))
 
 
-def oracle_config(cfg: Config) -> Config:
-    """The tile oracle's cnn: task=cnn with the composite encoder's per-item stage (same convs, its dense layer
-    the cell conv), on the run's items, so the comparison is of what each model does with the same reader."""
+def reader_config(cfg: Config) -> Config:
+    """The per-item reader of a composite run: task=reader with the run's reader shape, on the run's items."""
     m, d, t = cfg.model, cfg.data, cfg.trainer
-    model = {"channels": m["channels"], "convs": m["convs"], "pool_first": m["pool_first"],
-             **({"hidden": m["cell_dim"]} if m.get("cell") else {})}
+    model = {"channels": m["channels"], "convs": m["convs"], "hidden": m["cell_dim"], "pool_first": m["pool_first"]}
     trainer = {"device": t.device, "progress": t.progress, "threads": t.threads,
-               **({"epochs": cfg.oracle.epochs} if cfg.oracle.epochs else {})}
+               **({"epochs": cfg.reader.epochs} if cfg.reader.epochs else {})}
     data = {"root": d.root, "val_size": d.val_size, "seed": d.seed, "limit": d.limit,
             "train_eval_size": d.train_eval_size, "degrade": d.degrade}
-    return preset("cnn", seed=cfg.seed, model=model, trainer=trainer, data=data)
+    return preset("reader", seed=cfg.seed, model=model, trainer=trainer, data=data)
 
 
 def recipe_digest(cfg: Config) -> str:
@@ -407,18 +458,33 @@ def recipe_digest(cfg: Config) -> str:
     return hashlib.md5(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def prepare_oracle(cfg: Config, out_dir: Path) -> Path | None:
-    """The tile oracle's checkpoint: oracle.ckpt, or the cnn trained (or continued, or reused) in oracle.cache."""
-    if cfg.oracle.ckpt:
-        return Path(cfg.oracle.ckpt)
-    if not cfg.oracle.train:
-        return None
-    ocfg = oracle_config(cfg)
-    folder = Path(cfg.oracle.cache) / f"cnn-{recipe_digest(ocfg)}" if cfg.oracle.cache else out_dir / "oracle"
-    log.info("tile oracle: the single-label cnn (task=cnn, %d epochs on the run's items) in %s, trained first "
-             "unless it is there already, and reused by later runs on the same items; oracle.ckpt=PATH uses another, "
-             "oracle.train=false none", ocfg.trainer.epochs, folder)
-    return train_cached(ocfg, folder)
+def prepare(cfg: Config, out_dir: Path) -> tuple[Config, list[Stage]]:
+    """The config the run trains with and the stages it needs first: a composite run without model.init_from
+    starts from a reader trained on single items (reader.train), which also serves as its tile oracle."""
+    if "init_from" not in cfg.model or cfg.model["init_from"] or not cfg.reader.train:
+        return cfg, []
+    stage_cfg = reader_config(cfg)
+    folder = (Path(cfg.reader.cache) / f"reader-{recipe_digest(stage_cfg)}" if cfg.reader.cache
+              else out_dir / "reader")
+    cfg = dataclasses.replace(cfg, model={**cfg.model, "init_from": str(folder / "checkpoints" / "best.pt")})
+    return cfg, [Stage("the per-item reader", stage_cfg, folder)]
+
+
+def run(cfg: Config, out_dir: str | Path, saved: dict | None = None, stages: list[Stage] | None = None) -> dict | None:
+    """Train the stages this run needs (cached), then this run's model. Without `stages`, prepare() says which."""
+    t_start = time.time()
+    if stages is None:
+        cfg, stages = prepare(cfg, Path(out_dir))
+    for i, stage in enumerate(stages, 1):
+        log.info("stage %d/%d: %s", i, len(stages) + 1, stage.describe())
+        train_cached(stage.cfg, stage.folder)
+    if stages:
+        log.info("stage %d/%d: task=%s in %s", len(stages) + 1, len(stages) + 1, cfg.task, out_dir)
+    init = cfg.model.get("init_from")
+    results = fit(cfg, out_dir, saved, oracle=Path(init) if init else None)
+    if results is not None and stages:
+        log.info("done in %.0f s, the stages before included", time.time() - t_start)
+    return results
 
 
 def train_cached(cfg: Config, folder: Path) -> Path:
@@ -439,7 +505,7 @@ def train_cached(cfg: Config, folder: Path) -> Path:
                 if saved is not None:
                     log.info("continuing %s", folder)
                 with log_file(folder / "train.log"):
-                    fit(cfg, folder, saved, distributed=False)
+                    fit(cfg, folder, saved, distributed=False, resume_hint="the same command again")
                 return best
         time.sleep(5)  # a rank other than 0: wait for rank 0 to train it
 

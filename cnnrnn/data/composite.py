@@ -9,6 +9,10 @@ from cnnrnn.data.fashion_mnist import CLASSES, SIDE, Split
 from cnnrnn.data.loader import epoch_seed
 from cnnrnn.data.scene import Scene, item_of_class, label_statistics
 
+# The largest picture a model reads: 16x16 cells of 28x28 (448x448 pixels). Beyond, one batch of pictures
+# outgrows a laptop's memory; every size that enters (data.grid, evaluate --grid, predict's images) is checked.
+MAX_GRID = 16
+
 
 def sample_layout(n: int, n_items: int, grid: int, min_items: int, max_items: int,
                   generator: torch.Generator) -> torch.Tensor:
@@ -188,3 +192,46 @@ class MixedGridSource:
     def batch(self, rows: torch.Tensor, key: int = 0) -> dict[str, torch.Tensor]:
         src = self.sources[int(rows[0, 0])]
         return src.batch(rows[:, 1: 1 + src.grid ** 2], key)
+
+
+class CellFeatures:
+    """Composites for a frozen reader: the layouts of `source` (a CompositeSource or MixedGridSource), each cell as
+    the reader's features of its item, computed once (`feats` (N, D) of the source's items, `mirrored` (N, D) of
+    their mirror images), an empty cell as those of a black cell (`blank` (D,)). {'feats': (B, G*G, D), 'cells',
+    'labels', 'counts'}, no pixels. A training source takes an item's mirror image with probability `hflip`
+    (drawn as Augment draws its flips); a fixed one gives both, as 'feats' and 'feats_flip' (test-time flips)."""
+
+    def __init__(self, source, feats: torch.Tensor, mirrored: torch.Tensor, blank: torch.Tensor, hflip: float = 0.0,
+                 fixed: bool = False):
+        self.source, self.feats, self.mirrored, self.blank, self.hflip = source, feats, mirrored, blank, hflip
+        self.seed, self.size, self.fixed = source.seed, len(source), fixed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def order(self, epoch: int | None) -> torch.Tensor:
+        return self.source.order(epoch)
+
+    def statistics(self, n: int, seed: int = 12345) -> dict:
+        return self.source.statistics(n, seed)
+
+    def batch(self, rows: torch.Tensor, key: int = 0) -> dict[str, torch.Tensor]:
+        source = self.source
+        if isinstance(source, MixedGridSource):  # rows: the grid's index, then its layout
+            source = source.sources[int(rows[0, 0])]
+            rows = rows[:, 1: 1 + source.grid ** 2]
+        at = rows.to(self.feats.device)
+        occupied = at >= 0
+        item = at[occupied]
+
+        def cells_of(per_item: torch.Tensor) -> torch.Tensor:
+            feats = self.blank.expand(*at.shape, -1).clone()                               # (B, G*G, D)
+            feats[occupied] = per_item
+            return feats
+
+        cells = torch.where(occupied, source.split.labels[at.clamp(min=0)], -1)
+        batch = {"cells": cells, "labels": multi_hot(cells), "counts": counts_of(cells)}
+        if self.fixed:
+            return {"feats": cells_of(self.feats[item]), "feats_flip": cells_of(self.mirrored[item]), **batch}
+        flip = (torch.rand(len(item), generator=torch.Generator().manual_seed(key)) < self.hflip).to(at.device)
+        return {"feats": cells_of(torch.where(flip[:, None], self.mirrored[item], self.feats[item])), **batch}

@@ -77,14 +77,25 @@ def locate(root: Path) -> tuple[dict[str, Path] | None, list[str]]:
 
 
 def _download(root: Path) -> str | None:
-    """Let torchvision fetch the official archives into root/FashionMNIST/raw; the failure as text."""
+    """Let torchvision fetch the official archives into root/FashionMNIST/raw; the failure as text, with its cause
+    (torchvision's own error only says which file failed), and no empty folders left behind."""
+    made = [p for p in (root, root / "FashionMNIST", root / "FashionMNIST" / "raw") if not p.exists()]
     try:
         from torchvision.datasets import FashionMNIST
         log.info("Downloading Fashion-MNIST into %s", root)
         FashionMNIST(str(root), train=True, download=True)
         FashionMNIST(str(root), train=False, download=True)
     except Exception as exc:  # any network or disk failure becomes part of the one error message
-        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+        reasons = []
+        while exc is not None and len(reasons) < 3:
+            reasons.append(" ".join(f"{type(exc).__name__}: {exc}".split()))
+            exc = exc.__cause__ or exc.__context__
+        for folder in reversed(made):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: a partial download stays for the next try
+                break
+        return ", caused by ".join(reasons)
     return None
 
 

@@ -16,7 +16,6 @@ from cnnrnn.models.lstm import RowLSTM
 INTERNAL = ("num_classes", "max_labels", "side", "width")  # set by the code from the data, never by a config
 LABEL_ORDERS = ("frequency", "rare_first", "spatial", "random", "orderless")
 TARGETS = ("set", "multiset")
-ZERO_ALLOWED = ("cell",)  # model.cell=0: no cell embedding
 
 
 @dataclass(frozen=True)
@@ -57,13 +56,11 @@ class Spec:
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"model.{key}={value!r} must be a finite number.")
             # sizes: a zero-sized layer is a traceback deep inside torch, or a model that cannot learn
-            least = 0 if key in ZERO_ALLOWED else 1
             sizes = value if isinstance(value, (list, tuple)) else (value,)
             if isinstance(default, (int, tuple)) and not isinstance(value, bool) and (
-                    any(not isinstance(v, int) or isinstance(v, bool) or v < least for v in sizes)):
+                    any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in sizes)):
                 raise UserError(f"model.{key}={list(sizes) if isinstance(value, (list, tuple)) else value} must be "
-                                f"{'0 or more' if least == 0 else 'at least 1'}"
-                                f"{' in every entry' if isinstance(value, (list, tuple)) else ''}.")
+                                f"at least 1{' in every entry' if isinstance(value, (list, tuple)) else ''}.")
 
 
 MODELS: dict[str, Spec] = {

@@ -1,4 +1,5 @@
-"""CNN encoder + LSTM label decoder with soft attention: names the items of an image one after another.
+"""The per-item reader on every cell + an LSTM label decoder with soft attention over the cells: names the items
+of a picture one after another.
 
 Tokens: 0..C-1 are the classes, C is END, C+1 is START. The decoder's output vocabulary is the C classes
 plus END. Training feeds given (teacher) tokens; `generate` feeds only the model's own outputs.
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnrnn.models.cnn import ConvEncoder, FastDropout
+from cnnrnn.models.cnn import CELL, FastDropout, ReadsCells, SmallCNN, read_cells
 
 Teacher = Callable[[int, torch.Tensor], torch.Tensor]  # (step, logits (B, C+1)) -> next tokens (B,)
 # A cell whose pixels span less than this (normalised input: about 9 of 255 grey levels) is empty.
@@ -24,10 +25,10 @@ def _follow(t: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
     return t.gather(1, parent.view(*parent.shape, *([1] * (t.dim() - 2))).expand_as(t))
 
 
-class CNNRNN(nn.Module):
-    """CNN feature map -> LSTM over label embeddings, attending over the map at every step."""
+class CNNRNN(ReadsCells):
+    """Cell features from the reader -> LSTM over label embeddings, attending over the cells at every step."""
 
-    def __init__(self, num_classes: int = 10, channels: tuple[int, ...] = (32, 64), convs: int = 2, cell: int = 7,
+    def __init__(self, num_classes: int = 10, channels: tuple[int, ...] = (32, 64), convs: int = 2,
                  cell_dim: int = 256, embed: int = 64, hidden: int = 256, attn_dim: int = 128, dropout: float = 0.3,
                  beam_size: int = 1, max_labels: int = 4, pool_first: bool = True, feedback: bool = True,
                  context_dropout: float = 0.0, target: str = "set"):
@@ -38,12 +39,12 @@ class CNNRNN(nn.Module):
         self.num_classes, self.end, self.start = num_classes, num_classes, num_classes + 1
         # max_labels is one label per cell of the largest training picture: also that picture's number of cells
         self.beam_size, self.max_labels = beam_size, max_labels
-        self.per_cell = cell > 0     # with cell=0 the map's positions are 4x4-pixel patches, not items' cells
         # feedback=False is the ablation: every step is fed the same (START) embedding instead of the label it
         # emitted before, so the decoder still attends step by step but never sees its own outputs.
         self.feedback = feedback
-        self.encoder = ConvEncoder(channels, convs, cell, cell_dim, dropout, pool_first)
-        feat = self.encoder.out_channels
+        # the per-item reader (a single-label model of its own: its checkpoint loads here as it is)
+        self.reader = SmallCNN(num_classes, channels, convs, cell_dim, dropout, pool_first=pool_first)
+        feat = cell_dim
         self.embed = nn.Embedding(num_classes + 2, embed)
         self.init_h = nn.Linear(feat, hidden)
         self.init_c = nn.Linear(feat, hidden)
@@ -57,14 +58,11 @@ class CNNRNN(nn.Module):
 
     def encode(self, x: torch.Tensor, flip: bool = False):
         """Features (B, L, D), their attention keys (B, L, A), the initial LSTM state and the cells read (B, L)
-        bool (None: all; see `cells_read`). With `flip`, the features of the mirrored image are averaged in
-        (test-time flips): mirroring the canvas mirrors every item and the cell order, so flipping its map back
-        lines each cell up with the original's."""
-        fmap = self.encoder(x)                                   # (B, D, h, w)
-        if flip:
-            fmap = (fmap + self.encoder(x.flip(-1)).flip(-1)) / 2
-        feats = fmap.flatten(2).transpose(1, 2)                  # (B, D, h, w) -> (B, L=h*w, D)
-        read = self.cells_read(x, *fmap.shape[-2:])
+        bool (None: all; see `cells_read`). `x`: pictures (B, 1, H, W), or cell features (B, L, D) the reader gave
+        before (a frozen reader's, computed once). With `flip`, each cell's features are averaged with its mirror
+        image's (test-time flips)."""
+        feats = x if x.dim() == 3 else read_cells(self.reader, x, flip)   # (B, L, D)
+        read = None if x.dim() == 3 else self.cells_read(x, x.shape[-2] // CELL, x.shape[-1] // CELL)
         if read is None:
             mean = feats.mean(dim=1)                             # (B, D)
         else:
@@ -79,7 +77,7 @@ class CNNRNN(nn.Module):
 
         The decoder learned when to say END on pictures of `max_labels` cells: with the surplus empty cells of
         a larger picture in its mean and its attention, it stopped early (README, Larger grids)."""
-        if not self.per_cell or h * w <= self.max_labels:
+        if h * w <= self.max_labels:
             return None
         cells = x.unflatten(2, (h, -1)).unflatten(4, (w, -1))   # (B, 1, H, W) -> (B, 1, h, H/h, w, W/w)
         tone = cells.amax(dim=(1, 3, 5)) - cells.amin(dim=(1, 3, 5))                # (B, h, w)
@@ -108,7 +106,7 @@ class CNNRNN(nn.Module):
         one, or a function choosing each step's target from that step's logits (orderless training)."""
         feats, keys, state, read = self.encode(x)
         steps = teacher.shape[1] if isinstance(teacher, torch.Tensor) else steps
-        tokens = torch.full((len(x),), self.start, dtype=torch.long, device=x.device)
+        tokens = torch.full((x.shape[0],), self.start, dtype=torch.long, device=x.device)
         logits = []
         for t in range(steps):
             step_logits, state, _ = self.step(tokens, state, feats, keys, read)
@@ -171,7 +169,7 @@ class CNNRNN(nn.Module):
 
     def _beam(self, x: torch.Tensor, k: int, encoded=None, limit: int | None = None) -> dict[str, torch.Tensor]:
         feats, keys, (h, c), read = encoded or self.encode(x)
-        b, n, v, limit = len(x), self.num_classes, self.num_classes + 1, limit or self.max_labels
+        b, n, v, limit = x.shape[0], self.num_classes, self.num_classes + 1, limit or self.max_labels
         dev = x.device
 
         def tile(t):  # (B, ...) -> (B*K, ...)
