@@ -18,6 +18,9 @@ setup: $(VENV)/.installed
 train: setup
 	$(BIN)/python -m cnnrnn.train task=multilabel $(if $(resume),resume=$(resume)) $(ARGS)
 
+demo: setup
+	$(BIN)/python -m cnnrnn.demo
+
 test: setup
 	$(BIN)/python -m pytest -m "not slow"
 

@@ -26,10 +26,11 @@ def model(cfg: Config) -> nn.Module:
 def optimizer(cfg: Config, net: nn.Module, steps_per_epoch: int):
     """AdamW or SGD (fused where the device allows) and a per-step schedule: linear warm-up, then cosine."""
     o = cfg.optim
+    reader_lr = o.reader_lr if cfg.model.get("init_from") else 1.0  # a reader trained before: its own rate
     groups: dict[tuple, list] = {}
     for name, p in net.named_parameters():
         if p.requires_grad:  # a frozen reader's are not
-            lr = o.lr * (o.reader_lr if name.startswith("reader.") else 1.0)
+            lr = o.lr * (reader_lr if name.startswith("reader.") else 1.0)
             # no weight decay on biases and norm scales
             groups.setdefault((lr, o.weight_decay if p.ndim > 1 else 0.0), []).append(p)
     groups = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in
@@ -126,6 +127,9 @@ def probe(cfg: Config, task) -> None:
 
 def preflight(cfg: Config) -> None:
     """Check the model and every file a run will read (scene, model.init_from) before any work."""
+    from cnnrnn.ranks import pick_device
+
+    pick_device(cfg.trainer.device)  # a GPU asked for where there is none: before the reader stage's folder
     task = make_task(cfg)
     probe(cfg, task)
     task.scene_spec(cfg)

@@ -74,11 +74,12 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     try:
         state = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Weights only" in str(exc):
+        if "GLOBAL" in str(exc) or "global" in str(exc):  # what the weights-only unpickler says of an object
             raise UserError(f"Checkpoint {path} holds Python objects beyond tensors and plain data, which could run "
                             f"code, and is refused (cnnrnn loads with weights_only=True); use a checkpoint written "
                             f"by cnnrnn.") from None
-        raise UserError(f"{path} is not a readable checkpoint ({exc}); use a checkpoint written by cnnrnn.") from None
+        raise UserError(f"{path} is damaged (its contents cannot be unpickled); use another checkpoint of that "
+                        f"run.") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{path} is not a readable checkpoint (truncated or another kind of file: {reason}); "

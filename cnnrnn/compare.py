@@ -68,6 +68,11 @@ def _looks_like_run(folder: Path) -> bool:
     return (folder / "metrics.json").is_file() or (folder / ".hydra").is_dir() or (folder / "checkpoints").is_dir()
 
 
+def _is_stage(folder: Path) -> bool:
+    """A reader trained inside a run (reader.cache=null: RUN/reader): a stage of that run, not a run to compare."""
+    return folder.name == "reader" and _looks_like_run(folder.parent)
+
+
 def _unfinished(folder: Path, more: int = 0) -> str:
     others = f" (and {more} more run{'s' if more > 1 else ''} like it)" if more else ""
     return (f"{folder} has no metrics.json{others}: the run is unfinished or failed; finish it with python -m "
@@ -84,7 +89,8 @@ def runs_in(path: Path) -> tuple[list[Path], list[Path]]:
         raise UserError(f"{path} is a file, not a run; give a run dir (runs/TASK/TIME), a sweep folder or a glob.")
     if _looks_like_run(path):
         return ([path], []) if (path / "metrics.json").is_file() else ([], [path])
-    below = sorted({p.parent for pattern in ("metrics.json", ".hydra", "checkpoints") for p in path.rglob(pattern)})
+    below = sorted(d for d in {p.parent for pattern in ("metrics.json", ".hydra", "checkpoints")
+                               for p in path.rglob(pattern)} if not _is_stage(d))
     if not below:
         raise UserError(f"{path} holds no run (no metrics.json in it or below it); give a run dir "
                         f"(runs/TASK/TIME) or a sweep folder.")

@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     try:
         folder = claim(args.folder, "FOLDER").path
-        cfg = preset("multilabel", **{k: dict(v) for k, v in SMALL.items()},
-                     **{"reader": {**SMALL["reader"], "cache": str(folder)}})
+        cfg = preset("multilabel", **{**SMALL, "reader": {**SMALL["reader"], "cache": str(folder)}})
         results = training.run(cfg, folder / "run")
         pictures = write_pictures(folder / "pictures", cfg, count=8)
         model = inference.load(str(folder / "run" / "checkpoints" / "best.pt"))

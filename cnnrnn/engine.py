@@ -29,10 +29,9 @@ def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS; False where it can't.
 
     A training step frees and reallocates the same multi-megabyte activations. By default glibc unmaps or trims
-    them, so the next step page-faults them back in (hundreds to 7,500 faults a step here): 8-29% of a CPU step
-    where it was measurable (README, Speed). This is what MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ or a
-    preloaded jemalloc would do, for the whole process; the price is that the process keeps its peak memory
-    until it exits.
+    them, so the next step page-faults them back in, a share of a CPU step worth having back (docs/speed.md).
+    This is what MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ or a preloaded jemalloc would do, for the whole
+    process; the price is that the process keeps its peak memory until it exits.
     """
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt

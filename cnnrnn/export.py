@@ -100,7 +100,8 @@ def export(model: nn.Module, task, path: str | Path, image_side: int, meta: dict
         warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks, constant for the exported size
         buffer = io.BytesIO()
-        torch.onnx.export(Exported(model.eval(), task), (example,), buffer, dynamo=False, input_names=["images"],
+        # the wrapper in eval mode: the exporter restores the mode it found, recursively, on the model too
+        torch.onnx.export(Exported(model, task).eval(), (example,), buffer, dynamo=False, input_names=["images"],
                           output_names=outputs, dynamic_axes=axes, opset_version=opset)
     proto = onnx.load_model_from_string(buffer.getvalue())
     for key, value in meta.items():

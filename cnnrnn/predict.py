@@ -52,11 +52,15 @@ def image_paths(inputs: list[str]) -> tuple[list[Path], list[str]]:
         p = Path(name)
         if p.is_dir():
             try:
-                found = sorted(f for f in p.iterdir() if f.suffix.lower() in EXTENSIONS and f.is_file())
+                named = sorted(f for f in p.iterdir() if f.suffix.lower() in EXTENSIONS)
+                found = [f for f in named if f.is_file()]
             except OSError as exc:
                 problems.append(f"{p} cannot be listed ({exc.strerror or type(exc).__name__}); give a folder you can "
                                 f"read.")
                 continue
+            for f in named:
+                if f not in found:  # a dangling or looping link, a pipe, a folder: never opened, said once
+                    say("warning", f"{f} is skipped: not a regular file (a broken link, a pipe or a folder).")
             if not found:
                 problems.append(f"{p} holds no image files ({', '.join(sorted(EXTENSIONS))}); give a folder of images.")
             paths += found
@@ -71,7 +75,13 @@ def image_paths(inputs: list[str]) -> tuple[list[Path], list[str]]:
 
 def eight_bit(img: Image.Image, path: Path) -> Image.Image:
     """The image as 8-bit gray ("L"), its pixels scaled by their real range (PIL's own convert clips 16-bit
-    pixels to white and float ones in [0, 1] to black)."""
+    pixels to white and float ones in [0, 1] to black); transparent pixels black, the items' background."""
+    if getattr(img, "n_frames", 1) > 1:
+        say("warning", f"{path} has {img.n_frames} frames; only the first is read.")
+    if img.mode in ("RGBA", "LA", "PA") or img.mode == "P" and "transparency" in img.info:
+        say("warning", f"{path} has transparent pixels; they are read as black, the background of the items.")
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
     if img.mode not in SIXTEEN_BIT + ("I", "F"):
         return img.convert("L")
     a = np.asarray(img, dtype=np.float64)
@@ -202,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
         problems = run(args)
     except BrokenPipeError:
         quiet_broken_pipe()
+    except OSError as exc:  # stdout on a full disk, say
+        fail(f"Cannot write the predictions to standard output ({exc.strerror or type(exc).__name__}); the lines "
+             f"before this one are complete.")
     except KeyboardInterrupt:
         fail("Interrupted; the lines above are the images predicted so far.", 130)
     if problems:

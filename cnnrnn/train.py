@@ -159,9 +159,9 @@ def start_sweep(argv: list[str], command: shell.Command) -> None:
         raise UserError(f"{subdir} must stay inside the sweep folder: a relative path without '..'.")
     _, folder, params = shell.job_config(command.jobs[0], "hydra.sweep.dir")
     extra = shell.parse(["-m", *(f"{k}={v}" for k, v in params.items())]).jobs if params else [[]]
-    for job in command.jobs:
+    for overrides in command.jobs:
         for more in extra:
-            build.preflight(shell.job_config([*more, *job], "hydra.sweep.dir")[0])
+            build.preflight(shell.job_config([*more, *overrides], "hydra.sweep.dir")[0])
     claim = claim_folder(folder, "hydra.sweep.dir", command.hydra)
     pinned = [a for a in argv if not a.lstrip("+").startswith("hydra.sweep.dir=")]
     try:

@@ -143,7 +143,9 @@ def setup(cfg: Config, out_dir: Path, saved: dict | None = None, distributed: bo
         log.info("reader from %s", cfg.model["init_from"])
     # channels_last makes the oneDNN convolutions faster; it leaves the LSTM's 2-D weights as they are.
     model = model.to(proc.device, memory_format=torch.channels_last)
-    if cfg.optim.reader_lr == 0 and hasattr(model, "freeze_reader"):
+    if saved is not None:  # before a frozen reader's features are computed: they are the saved reader's
+        model.load_state_dict(saved.get("train_model", saved["model"]))
+    if cfg.optim.reader_lr == 0 and cfg.model.get("init_from"):  # a trained reader; a random one always learns
         model.freeze_reader()
         if cacheable(cfg.data):  # every source but test, which the final model reads from its pixels
             train, val = (cell_features(model.reader, s.split.images, proc) for s in (src.train_eval, src.val))
@@ -159,7 +161,6 @@ def setup(cfg: Config, out_dir: Path, saved: dict | None = None, distributed: bo
            if cfg.trainer.ema else None)
     state = TrainState()
     if saved is not None:
-        model.load_state_dict(saved.get("train_model", saved["model"]))
         if ema is not None:
             ema.module.load_state_dict(saved["model"])
             ema.n_averaged.fill_(saved["ema_n"])

@@ -1,23 +1,35 @@
-"""Shared fixtures: tiny Fashion-MNIST-shaped IDX files written by the tests (torchvision's pattern)."""
+"""Shared fixtures and helpers: fake Fashion-MNIST files, small configs, runs trained once, command lines."""
 from __future__ import annotations
 
 import gzip
 import hashlib
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from tensorboard.backend.event_processing import event_accumulator as ea
 
+from cnnrnn import build, checkpoint
+from cnnrnn.config import Config, preset
 from cnnrnn.data import fashion_mnist
+from cnnrnn.data.composite import CompositeSource
+from cnnrnn.data.fashion_mnist import CLASSES
 
 ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
 REAL_DIRS = [ROOT / "data", ROOT / "data" / "FashionMNIST" / "raw", fashion_mnist.SYSTEM_DIR]
 N_TRAIN, N_TEST = 600, 200
+COMPOSITE_TASKS = ("multilabel", "multilabel_bce", "multilabel_large")
 
+
+# --- the fake dataset -----------------------------------------------------------------------------------------
 
 def idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:
     """IDX encoding of a uint8 array: magic (0x0803 for images, 0x0801 for labels), dims, data."""
@@ -52,23 +64,42 @@ def write_dataset(folder: Path, gz: bool = True) -> dict[str, bytes]:
     return payloads
 
 
-@pytest.fixture
-def fake_spec(monkeypatch, tmp_path):
-    """Make the loader expect the tiny fake files (their counts and checksums) and hide the system package."""
-    payloads = write_dataset(tmp_path / "reference")
+@pytest.fixture(scope="session")
+def fake_dataset(tmp_path_factory) -> tuple[Path, dict]:
+    """The fake files, written once a session (never write into them), and the spec the loader expects."""
+    base = tmp_path_factory.mktemp("fake-fashion-mnist")
+    payloads = write_dataset(base / "data")
     files = {name: (fashion_mnist.FILES[name][0], N_TRAIN if name.startswith("train") else N_TEST,
                     hashlib.md5(data).hexdigest()) for name, data in payloads.items()}
-    monkeypatch.setattr(fashion_mnist, "FILES", files)
-    monkeypatch.setattr(fashion_mnist, "SYSTEM_DIR", tmp_path / "no-system-package")
-    monkeypatch.setattr(fashion_mnist, "_download", lambda root: "offline in tests")
-    return files
+    return base / "data", files
+
+
+def _expect_fake_files(patch, files: dict, nowhere: Path) -> None:
+    patch.setattr(fashion_mnist, "FILES", files)
+    patch.setattr(fashion_mnist, "SYSTEM_DIR", nowhere / "no-system-package")
+    patch.setattr(fashion_mnist, "_download", lambda root: "offline in tests")
 
 
 @pytest.fixture
-def fake_root(fake_spec, tmp_path) -> Path:
-    root = tmp_path / "data"
-    write_dataset(root)
-    return root
+def fake_spec(monkeypatch, fake_dataset, tmp_path) -> dict:
+    """Make the loader expect the tiny fake files (their counts and checksums) and hide the system package."""
+    _expect_fake_files(monkeypatch, fake_dataset[1], tmp_path)
+    return fake_dataset[1]
+
+
+@pytest.fixture
+def fake_root(fake_spec, fake_dataset) -> Path:
+    """The folder of the fake files (shared by the session: never write into it)."""
+    return fake_dataset[0]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One intra-op thread: as fast for tiny models, and far faster on cores busy with other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def real_data_available() -> bool:
@@ -80,26 +111,189 @@ needs_real_data = pytest.mark.skipif(
     reason="the real Fashion-MNIST files are absent (apt-get install dataset-fashion-mnist, or put them in data/)")
 
 
-def tiny(root: Path, *extra: str) -> list[str]:
-    """Overrides for a seconds-long run on the fake dataset."""
-    return [f"data.root={root}", "data.val_size=100", "data.train_eval_size=100", "trainer.batch_size=50",
-            "trainer.epochs=2", "trainer.progress=false", "oracle.epochs=1", "oracle.cache=null", *extra]
+# --- small configs ----------------------------------------------------------------------------------------------
+
+SMALL_MODELS = {
+    "lstm": {"hidden": 16},
+    "lstm2": {"hidden": 16},
+    "cnn": {"channels": [4, 8], "hidden": 16},
+    "reader": {"channels": [4, 8], "hidden": 16},
+    "multilabel": {"channels": [4, 8], "cell_dim": 16, "embed": 8, "hidden": 32, "attn_dim": 16},
+    "multilabel_large": {"channels": [4, 8], "cell_dim": 16, "embed": 8, "hidden": 32, "attn_dim": 16},
+    "multilabel_bce": {"channels": [4, 8], "cell_dim": 16},
+}
+
+
+def tiny_groups(root: Path, task: str) -> dict:
+    """The groups tiny() changes: a seconds-long run on the fake data."""
+    groups = {"data": {"root": str(root), "val_size": 100, "train_eval_size": 100},
+              "trainer": {"batch_size": 50, "epochs": 2, "progress": False},
+              "model": dict(SMALL_MODELS[task])}
+    if task in COMPOSITE_TASKS:
+        groups["data"]["test_size"] = 100
+        groups["reader"] = {"epochs": 1, "cache": str(Path(root).parent / "readers")}
+    return groups
+
+
+def tiny(root: Path, task: str, **groups) -> Config:
+    """A small validated Config of `task` for seconds-long runs on the fake data, changed by `groups`."""
+    merged = tiny_groups(root, task)
+    for group, keys in groups.items():
+        if isinstance(keys, dict):
+            merged[group] = {**merged.get(group, {}), **keys}
+        else:
+            merged[group] = keys
+    return preset(task, **merged)
+
+
+def _cli_value(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_cli_value(v) for v in value) + "]"
+    return str(value)
+
+
+def tiny_args(root: Path, *extra: str) -> list[str]:
+    """tiny()'s config as command-line overrides (task from a task=NAME in `extra`, else multilabel), then `extra`."""
+    task = next((a.split("=", 1)[1] for a in extra if a.startswith("task=")), "multilabel")
+    args = [f"task={task}"]
+    for group, keys in tiny_groups(root, task).items():
+        args += [f"{group}.{k}={_cli_value(v)}" for k, v in keys.items()]
+    return [*args, *(a for a in extra if not a.startswith("task="))]
+
+
+def write_checkpoint(path: Path, task: str, root: Path, bias: dict[int, float] | None = None, seed: int = 0,
+                     task_state: dict | None = None, **groups) -> tuple[Config, torch.nn.Module]:
+    """An untrained, complete, seeded checkpoint of tiny(root, task, **groups); `bias`: decoder output biases."""
+    cfg = tiny(root, task, **groups)
+    torch.manual_seed(seed)
+    model = build.model(cfg)
+    if bias:
+        with torch.no_grad():
+            for index, value in bias.items():
+                model.out.bias[index] = value
+    model.eval()
+    checkpoint.save(path, {"model": model.state_dict(), "config": cfg.to_dict(), "classes": list(CLASSES),
+                           "task_state": task_state or {}})
+    return cfg, model
+
+
+def composites(root: Path, n: int = 12, grid: int = 2, **kwargs) -> dict[str, torch.Tensor]:
+    """n fixed composites of the fake test items."""
+    data = fashion_mnist.splits(root, val_size=100)
+    src = CompositeSource(data["test"], size=n, grid=grid, max_items=min(4, grid * grid), seed=4, fixed=True,
+                          **kwargs)
+    return src.batch(src.order(None))
+
+
+# --- runs trained once a session (read them, never change them) --------------------------------------------------
+
+def train_once(fake_dataset, tmp_path_factory, name: str, cfg_of, run=None) -> tuple[Path, object]:
+    """(run dir, run(cfg, out)) of `cfg_of(fake root)` in a new folder, the fake files expected meanwhile only."""
+    from cnnrnn import training
+
+    with pytest.MonkeyPatch.context() as patch:
+        _expect_fake_files(patch, fake_dataset[1], tmp_path_factory.mktemp("nowhere"))
+        out = tmp_path_factory.mktemp(name) / "run"
+        return out, (run or training.run)(cfg_of(fake_dataset[0]), out)
+
+
+@pytest.fixture(scope="session")
+def cnn_run(fake_dataset, tmp_path_factory) -> tuple[Path, dict]:
+    """A finished tiny task=cnn run that learns the fake data: (run dir, test metrics)."""
+    return train_once(fake_dataset, tmp_path_factory, "cnn", lambda root: tiny(root, "cnn", optim={"lr": 1e-2}))
+
+
+@pytest.fixture(scope="session")
+def multilabel_run(fake_dataset, tmp_path_factory) -> tuple[Path, dict]:
+    """A finished tiny task=multilabel run (its reader trained first, in the session's reader cache)."""
+    return train_once(fake_dataset, tmp_path_factory, "multilabel", lambda root: tiny(root, "multilabel"))
+
+
+@pytest.fixture(scope="session")
+def bce_run(fake_dataset, tmp_path_factory) -> tuple[Path, dict]:
+    """A finished tiny task=multilabel_bce run."""
+    return train_once(fake_dataset, tmp_path_factory, "bce", lambda root: tiny(root, "multilabel_bce"))
+
+
+# --- reading what a run wrote -----------------------------------------------------------------------------------
+
+def tags(run_dir: Path) -> dict[str, list]:
+    """The TensorBoard tags of a run, by kind (scalars, images, ...)."""
+    acc = ea.EventAccumulator(str(run_dir), size_guidance={ea.SCALARS: 0, ea.IMAGES: 0, ea.TENSORS: 0})
+    acc.Reload()
+    return acc.Tags()
+
+
+def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of every point of a TensorBoard scalar."""
+    acc = ea.EventAccumulator(str(run_dir), size_guidance={ea.SCALARS: 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def files_in(folder: Path) -> dict[str, bytes]:
+    """Every file below a folder, by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_error(err: str) -> str:
+    """The one error line of a refusal's stderr (and no traceback)."""
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+# --- entry points ---------------------------------------------------------------------------------------------
+
+def run_main(capsys, main, *args) -> tuple[int, str, str]:
+    """An entry point's main(argv) in this process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    code = exit_info.value.code
+    return (0 if code is None else code), out, err
+
+
+@pytest.fixture
+def in_process(monkeypatch, tmp_path):
+    """For entry points called in this process: cwd is tmp_path; signal and log handlers are restored after."""
+    monkeypatch.chdir(tmp_path)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield tmp_path
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
+    for handler in root.handlers:
+        if handler not in before:
+            handler.close()
+    root.handlers[:] = before
+    root.setLevel(level)
 
 
 def cli_env() -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), HYDRA_FULL_ERROR="0")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(key, None)
     return env
 
 
-PYTHON = sys.executable
+def cli(*args, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m ARGS...` as a user runs it."""
+    return subprocess.run([PYTHON, "-m", *map(str, args)], cwd=cwd, env=cli_env(), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 FORK_SERVER = r"""
 import json, os, runpy, sys, traceback
 import hydra, omegaconf, PIL.Image, sklearn.metrics, torch, torchvision  # the start-up every command pays, once
-from cnnrnn import build, cli, engine, report  # not the entry modules: runpy runs those afresh as __main__
+from cnnrnn import build, checkpoint, engine, inference, shell, training  # not the entry modules: runpy runs those
 
 cases, running, codes = json.load(sys.stdin), {}, {}
 for i, case in enumerate(cases):
@@ -132,12 +326,11 @@ print(json.dumps([codes[i] for i in range(len(cases))]))
 """
 
 
-def run_commands(commands: list[list[str]], folder: Path) -> list[subprocess.CompletedProcess]:
-    """`python -m MODULE ARGS...` for each command, as a user would run it, but forked from one interpreter that
-    has imported torch & co. once: a start-up costs ~3 s of CPU, a fork ~0 (the bad-input walk runs 60+)."""
+def run_commands(commands: list[list[str]], folder: Path, cwd: Path = ROOT) -> list[subprocess.CompletedProcess]:
+    """`python -m MODULE ARGS...` for each command in `cwd`, forked from one interpreter that imported torch once."""
     cases = [{"module": c[0], "args": list(c[1:]), "out": str(folder / f"{i}.out"), "err": str(folder / f"{i}.err")}
              for i, c in enumerate(commands)]
-    server = subprocess.run([PYTHON, "-c", FORK_SERVER], cwd=ROOT, env=cli_env(), input=json.dumps(cases),
+    server = subprocess.run([PYTHON, "-c", FORK_SERVER], cwd=cwd, env=cli_env(), input=json.dumps(cases),
                             capture_output=True, text=True, timeout=600)
     assert server.returncode == 0, server.stderr
     codes = json.loads(server.stdout.splitlines()[-1])

@@ -1,9 +1,7 @@
-"""The benchmark command: one record per model and batch size with the contract's keys."""
+"""python -m cnnrnn.bench: records with the contract's keys, onnxruntime's rate, bad arguments refused first."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -55,30 +53,19 @@ def test_bench_refuses_bad_arguments_before_timing_anything(tmp_path, capsys, mo
     assert capsys.readouterr().err.strip() == "error: " + sentence.format(tmp=tmp_path)
 
 
-REALLOCATE = """
-import resource, sys, torch
-from cnnrnn.engine import keep_freed_memory
-kept = sys.argv[1] == "keep" and keep_freed_memory()
-# warm-up: posix_memalign's padding outgrows a freed 64 MB chunk until two freed neighbours coalesce, so glibc
-# takes a few rounds (up to 6 seen) to settle where the block lives; a training step is counted in steady state
-for _ in range(10):
-    torch.empty(1 << 24).fill_(1)                 # 64 MB
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):                               # freed and allocated again, as a step's activations are
-    torch.empty(1 << 24).fill_(1)
-print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-def test_freed_activations_are_reused_instead_of_faulted_in_again():
-    def faults(mode):
-        out = subprocess.run([sys.executable, "-c", REALLOCATE, mode], capture_output=True, text=True, check=True)
-        kept, count = out.stdout.split()
-        return kept == "True", int(count)
-
-    kept, with_keep = faults("keep")
-    if not kept:
-        pytest.skip("not glibc: malloc's thresholds cannot be set here")
-    _, without = faults("default")
-    # by default glibc maps a 64 MB block afresh each time, even in steady state: all of its 16,384 pages fault in again
-    assert without > 10 * 16_000 and with_keep < without / 2
+def test_bench_reports_onnxruntime_beside_pytorch(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="the [export] extras are not installed")
+    monkeypatch.setattr(bench, "matmul_peak", lambda *a, **k: 100.0)     # the model rows are what is tested
+    monkeypatch.setattr(bench, "bench_composites", lambda: 1000.0)
+    out = tmp_path / "bench.json"
+    bench.main(["--models", "cnn,cnn_rnn", "--batch-sizes", "4", "--steps", "1", "--repeats", "1", "--onnx",
+                "--json", str(out)])
+    records = [r for r in json.loads(out.read_text()) if r["model"] != "composites"]
+    assert [r["model"] for r in records] == ["cnn", "cnn_rnn"]
+    assert all(r["onnx_infer_img_per_s"] > 0 and r["infer_images_per_s"] > 0 for r in records)
+    assert "onnx img/s" in capsys.readouterr().out
+    monkeypatch.setattr(bench, "onnx_missing", lambda: "onnxruntime not installed (pip install 'cnnrnn[export]')")
+    bench.main(["--models", "cnn", "--batch-sizes", "4", "--steps", "1", "--repeats", "1", "--onnx",
+                "--json", str(out)])
+    assert "--onnx: skipped, onnxruntime not installed" in capsys.readouterr().err
+    assert "onnx_infer_img_per_s" not in json.loads(out.read_text())[0]

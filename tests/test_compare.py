@@ -1,26 +1,24 @@
-"""python -m cnnrnn.compare: the runs table, the overlaid curves, the context table, refusals in one sentence."""
+"""python -m cnnrnn.compare: tables, curves, the context table; bad runs left out; only its own files written."""
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 
 import pytest
 import yaml
 
 from cnnrnn import compare
-from cnnrnn.cli import compose_config
-from cnnrnn.train import run
-from conftest import tiny
+from conftest import run_main
+
+CONTEXT = {  # arm -> (config, test f1_samples at degrade 0 / 0.5)
+    "decoder": ({"task": "multilabel", "model": {"name": "cnn_rnn", "feedback": True}}, (0.95, 0.85)),
+    "no_feedback": ({"task": "multilabel", "model": {"name": "cnn_rnn", "feedback": False}}, (0.93, 0.80)),
+    "bce": ({"task": "multilabel_bce", "model": {"name": "cnn_bce"}}, (0.92, 0.78)),
+}
 
 
-def run_compare(capsys, *args) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        compare.main([str(a) for a in args])
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
-
-
-def fake_run(folder, config: dict, metrics: dict, hydra: bool = True):
+def fake_run(folder, config: dict, metrics, hydra: bool = True):
     """A finished run as compare reads it: metrics.json and .hydra/config.yaml (no TensorBoard events)."""
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps(metrics))
@@ -30,19 +28,22 @@ def fake_run(folder, config: dict, metrics: dict, hydra: bool = True):
     return folder
 
 
-def test_compare_two_real_runs_single_and_multi_label(fake_root, tmp_path, capsys):
-    runs = tmp_path / "runs"
-    run(compose_config(["task=cnn", *tiny(fake_root, "trainer.epochs=1", "model.channels=[4,8]")]), runs / "cnn")
-    oracle = f"oracle.ckpt={runs / 'cnn' / 'checkpoints' / 'best.pt'}"  # the cnn just trained: no second one
-    small = ["model.channels=[4,8]", "model.cell_dim=16", "model.hidden=32"]
-    run(compose_config(["task=multilabel", *tiny(fake_root, "trainer.epochs=2", "data.test_size=100", *small, oracle)]),
-        runs / "decoder")
-    code, out, err = run_compare(capsys, runs, "--out", tmp_path / "report")
+@pytest.fixture
+def runs(cnn_run, multilabel_run, tmp_path):
+    """Copies of the session's finished cnn and multilabel runs, side by side in one folder."""
+    folder = tmp_path / "runs"
+    shutil.copytree(cnn_run[0], folder / "cnn")
+    shutil.copytree(multilabel_run[0], folder / "decoder")
+    return folder
+
+
+def test_compare_two_real_runs_single_and_multi_label(runs, tmp_path, capsys):
+    code, out, err = run_main(capsys, compare.main, runs, "--out", tmp_path / "report")
     assert code == 0, err
     table = (tmp_path / "report" / "table.md").read_text()
     assert out.strip() == table.strip()
     single, multi = table.split("### Multi-label")
-    assert "| `cnn` | cnn |" in single and "**test acc**" in single and "`decoder`" not in single  # config: last.pt
+    assert "| `cnn` | cnn |" in single and "**test acc**" in single and "`decoder`" not in single
     assert "`decoder`" in multi and "exact match" in multi and "tile oracle f1_samples" in multi
     metrics = json.loads((runs / "decoder" / "metrics.json").read_text())
     row = next(line for line in multi.splitlines() if "`decoder`" in line)
@@ -50,9 +51,50 @@ def test_compare_two_real_runs_single_and_multi_label(fake_root, tmp_path, capsy
     png = tmp_path / "report" / "curves.png"
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "report" / "context.md").exists()  # one degrade level: no context table
-    # explicit run dirs, wall time on x, the current folder as default output
-    code, out, err = run_compare(capsys, runs / "cnn", runs / "decoder", "--x", "time", "--out", tmp_path / "b")
+    # explicit run dirs, wall time on x
+    code, out, err = run_main(capsys, compare.main, runs / "cnn", runs / "decoder", "--x", "time", "--out",
+                              tmp_path / "b")
     assert code == 0 and "`cnn`" in out and "`decoder`" in out and (tmp_path / "b" / "curves.png").is_file()
+
+
+def test_the_config_comes_from_last_pt_when_hydras_file_is_gone(runs, tmp_path, capsys):
+    shutil.rmtree(runs / "cnn" / ".hydra", ignore_errors=True)
+    code, out, err = run_main(capsys, compare.main, runs / "cnn", "--out", tmp_path / "r")
+    assert code == 0, err
+    assert "| `cnn` | cnn |" in out
+
+
+def test_the_one_folder_given_is_where_the_report_goes_and_compare_may_write_there_again(runs, capsys):
+    for _ in range(2):  # the second time over its own files: they are compare's to replace
+        code, out, err = run_main(capsys, compare.main, runs)
+        assert code == 0, err
+    assert {"table.md", "curves.png", ".compare"} <= {p.name for p in runs.iterdir()}
+    assert set((runs / ".compare").read_text().split()) == {"table.md", "curves.png"}
+
+
+def test_compare_refuses_to_write_over_a_users_own_table(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    fake_run(sweep / "job", {"task": "cnn"}, {"test/acc": 0.9})
+    (sweep / "table.md").write_text("my own notes")
+    code, out, err = run_main(capsys, compare.main, sweep)
+    assert code == 2 and out == ""
+    assert err == (f"error: --out {sweep} holds a table.md that compare did not write; choose a new folder with "
+                   f"--out, so that nothing of yours is overwritten.\n")
+    assert (sweep / "table.md").read_text() == "my own notes" and not (sweep / "curves.png").exists()
+
+
+def test_unfinished_and_unreadable_runs_are_left_out_with_a_warning(tmp_path, capsys, caplog):
+    sweep = tmp_path / "sweep"
+    fake_run(sweep / "0-seed=0", {"task": "cnn"}, {"test/acc": 0.9, "params": 10, "note": "text", "flag": True})
+    (sweep / "1-seed=1" / "checkpoints").mkdir(parents=True)                  # stopped before it finished
+    fake_run(sweep / "2-seed=2", {"task": "cnn"}, [0.9, 0.8])                   # metrics.json not an object
+    with caplog.at_level(logging.WARNING, "cnnrnn"):
+        code, out, err = run_main(capsys, compare.main, sweep, "--out", tmp_path / "r")
+    assert code == 0, err
+    assert "`0-seed=0`" in out and "1-seed=1" not in out and "2-seed=2" not in out
+    assert "left out: " in caplog.text and "1-seed=1 has no metrics.json" in caplog.text
+    assert "2-seed=2/metrics.json holds a list, not an object of metrics" in caplog.text
+    assert "2 entries that are not numbers left out" in caplog.text
 
 
 @pytest.mark.parametrize("make, message", [
@@ -62,28 +104,31 @@ def test_compare_two_real_runs_single_and_multi_label(fake_root, tmp_path, capsy
     (lambda d: (d / "sweep" / "0-seed=0" / "checkpoints").mkdir(parents=True) or d / "sweep",
      "0-seed=0 has no metrics"),
     (lambda d: d / "no-match-*", "matches nothing"),
+    (lambda d: (fake_run(d / "bad", {}, {}).joinpath("metrics.json").write_text("{oops"), d / "bad")[1],
+     "has a readable metrics.json"),
 ])
 def test_missing_empty_and_unfinished_runs_are_named_in_one_sentence(tmp_path, capsys, make, message):
-    code, out, err = run_compare(capsys, make(tmp_path))
+    code, out, err = run_main(capsys, compare.main, make(tmp_path), "--out", tmp_path / "report")
     assert code == 2 and message in err and "Traceback" not in err and out == ""
-    assert len(err.strip().splitlines()) == 1
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "report").exists()
 
 
 def test_compare_does_not_overwrite_a_runs_own_curves(tmp_path, capsys):
     one = fake_run(tmp_path / "one", {"task": "cnn"}, {"test/acc": 0.9})
-    code, _, err = run_compare(capsys, one, "--out", one)
+    code, _, err = run_main(capsys, compare.main, one, "--out", one)
     assert code == 2 and "is a run dir" in err
 
 
-CONTEXT = {  # arm -> (config overrides, test f1_samples at degrade 0 / 0.5)
-    "decoder": ({"task": "multilabel", "model": {"name": "cnn_rnn", "feedback": True}}, (0.95, 0.85)),
-    "no_feedback": ({"task": "multilabel", "model": {"name": "cnn_rnn", "feedback": False}}, (0.93, 0.80)),
-    "bce": ({"task": "multilabel_bce", "model": {"name": "cnn_bce"}}, (0.92, 0.78)),
-}
+def test_compare_refuses_an_out_folder_under_a_file_before_reading_runs(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, _, err = run_main(capsys, compare.main, tmp_path / "no-such-run", "--out", tmp_path / "file" / "sub")
+    assert code == 2
+    assert err.strip() == (f"error: --out {tmp_path / 'file' / 'sub'}: {tmp_path / 'file'} is a file, not a folder; "
+                           f"choose another folder with --out.")
 
 
-def context_sweep(folder):
-    """The +experiment=context grid as hand-written runs: three arms x two degrade levels, oracle/ inside."""
+def context_sweep(folder, reader_inside: bool = False):
+    """The +experiment=context grid as hand-written runs: three arms x two degrade levels."""
     for j, (level_i, level) in enumerate([(0, 0.0), (1, 0.5)] * 3):
         name = list(CONTEXT)[j // 2]
         config, f1 = CONTEXT[name]
@@ -94,13 +139,14 @@ def context_sweep(folder):
             metrics["test/grounding"] = 0.7 + level_i * 0.01
         job = fake_run(folder / f"{j}-+arm={name},data.degrade={level}",
                        {**config, "data": {"degrade": level, "scene": "outfit"}}, metrics)
-        fake_run(job / "oracle", {"task": "cnn"}, {"test/acc": 0.9}, hydra=False)  # skipped: the oracle's cnn
+        if reader_inside:  # reader.cache=null: each job's reader in RUN_DIR/reader
+            fake_run(job / "reader", {"task": "reader"}, {"test/acc": 0.9}, hydra=False)
     return folder
 
 
 def test_context_table_on_a_context_sweep(tmp_path, capsys):
     sweep = context_sweep(tmp_path / "context")
-    code, out, err = run_compare(capsys, sweep)
+    code, out, err = run_main(capsys, compare.main, sweep)
     assert code == 0, err
     md = (sweep / "context.md").read_text()
     assert md in out and (sweep / "table.md").is_file() and (sweep / "context.png").read_bytes()[:4] == b"\x89PNG"
@@ -113,15 +159,21 @@ def test_context_table_on_a_context_sweep(tmp_path, capsys):
     assert cells("decoder") == ["0.9500", "0.8500", "0.7000", "0.8500", "0.7500", "0.7100"]
     assert cells("decoder, no feedback")[:2] == ["0.9300", "0.8300"] and cells("BCE")[2] == "–"
     assert cells("tile oracle") == ["0.9000", "0.8000", "–", "0.7000", "0.6000", "–"]
+    assert (sweep / "table.md").read_text().count("| `") == 6 and (sweep / "curves.png").is_file()
+
+
+def test_a_reader_trained_inside_a_run_is_no_run_of_the_comparison(tmp_path, capsys):
+    sweep = context_sweep(tmp_path / "context", reader_inside=True)
+    code, _, err = run_main(capsys, compare.main, sweep)
+    assert code == 0, err
     table = (sweep / "table.md").read_text()
-    assert table.count("| `") == 6 and "oracle`" not in table  # six jobs; their oracle/ folders are no runs
-    assert (sweep / "curves.png").is_file()
+    assert table.count("| `") == 6 and "reader`" not in table
 
 
 def test_runs_of_one_degrade_level_have_no_context_table(tmp_path, capsys):
     sweep = tmp_path / "s"
     for name, (config, f1) in CONTEXT.items():
         fake_run(sweep / name, {**config, "data": {"degrade": 0.0}}, {"test/f1_samples": f1[0]})
-    code, out, _ = run_compare(capsys, str(sweep / "*"), "--out", tmp_path / "r")
+    code, out, _ = run_main(capsys, compare.main, str(sweep / "*"), "--out", tmp_path / "r")
     assert code == 0 and "### Multi-label" in out and "Context" not in out
     assert not (tmp_path / "r" / "context.md").exists()

@@ -1,9 +1,12 @@
-"""Metric functions on hand-computed cases."""
+"""Metric functions on hand-computed cases: multi-label, single-label, thresholds, grounding, multisets."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+
 from cnnrnn import metrics
+from cnnrnn.data.fashion_mnist import CLASSES as FASHION
 
 CLASSES = ("a", "b", "c")
 # 4 images x 3 classes; counted by hand below.
@@ -70,3 +73,61 @@ def test_best_threshold_is_the_micro_f1_optimum():
     y = np.array([[1, 0], [0, 1], [1, 1]])
     scores = np.array([[0.35, 0.1], [0.2, 0.4], [0.45, 0.38]])
     assert metrics.best_threshold(y, scores) == pytest.approx(0.25)
+
+
+COAT, TROUSER, TSHIRT, SANDAL = (FASHION.index(c) for c in ("Coat", "Trouser", "T-shirt/top", "Sandal"))
+
+
+def test_grounding_is_one_on_the_right_cell_and_zero_on_a_wrong_one():
+    cells = torch.tensor([[COAT, TROUSER, -1, COAT], [SANDAL, -1, -1, -1]])
+    y = torch.zeros(2, 10)
+    y[0, [COAT, TROUSER]] = 1
+    y[1, SANDAL] = 1
+    tokens = torch.tensor([[TROUSER, COAT, 10], [SANDAL, 10, 10]])
+    right = torch.zeros(2, 3, 4)
+    right[0, 0, 1] = 1   # Trouser at cell 1; Coat sits in two cells and does not count
+    right[1, 0, 0] = 1
+    assert metrics.grounding(tokens, right, cells, y) == {"grounding": 1.0, "grounding_mass": 1.0}
+    wrong = torch.zeros(2, 3, 4)
+    wrong[0, 0, 2] = wrong[1, 0, 3] = 1
+    assert metrics.grounding(tokens, wrong, cells, y) == {"grounding": 0.0, "grounding_mass": 0.0}
+    # a wrongly emitted label does not count; a finer map (2x2 positions per cell) is pooled per cell
+    fine = torch.zeros(2, 3, 16)
+    fine[:, 0, 0] = 0.75
+    fine[:, 0, 15] = 0.25
+    out = metrics.grounding(torch.tensor([[TSHIRT, 10, 10], [SANDAL, 10, 10]]), fine, cells, y)
+    assert out == {"grounding": 1.0, "grounding_mass": 0.75}
+
+
+def test_grounding_is_empty_when_no_step_counts():
+    cells = torch.tensor([[COAT, COAT, -1, -1]])
+    y = torch.zeros(1, 10)
+    y[0, COAT] = 1
+    assert metrics.grounding(torch.tensor([[COAT, 10]]), torch.full((1, 2, 4), 0.25), cells, y) == {}
+
+
+def test_multiset_metrics_on_hand_made_counts():
+    classes = ["a", "b", "c"]
+    true = np.array([[2, 0, 1], [0, 1, 0], [1, 1, 1]])
+    pred = np.array([[1, 0, 1], [0, 3, 0], [1, 1, 1]])  # one too few a; two too many b; right
+    m = metrics.multiset(true, pred, classes)
+    assert m["multiset_exact"] == pytest.approx(1 / 3)
+    assert m["count_acc"] == pytest.approx(1 / 3)                  # totals 3/2, 1/3, 3/3
+    # per class: matches a 2 of (3 true + 2 pred); b 2 of (2 + 4); c 2 of (2 + 2)
+    assert m["multiset_f1/a"] == pytest.approx(4 / 5) and m["multiset_f1/b"] == pytest.approx(4 / 6)
+    assert m["multiset_f1/c"] == pytest.approx(1.0)
+    assert m["multiset_f1_micro"] == pytest.approx(12 / 15)
+    assert m["multiset_f1_macro"] == pytest.approx((4 / 5 + 4 / 6 + 1) / 3)
+    assert m["count_mae/a"] == pytest.approx(1 / 3) and m["count_mae/b"] == pytest.approx(2 / 3)
+    assert m["count_mae/c"] == 0 and m["count_mae"] == pytest.approx(1 / 3)
+
+
+def test_class_names_become_metric_keys_without_slashes_or_spaces():
+    assert metrics.slug("T-shirt/top") == "T-shirt-top" and metrics.slug("Ankle boot") == "Ankle_boot"
+    keys = metrics.single_label(np.array([0, 9]), np.array([0, 9]), FASHION)
+    assert "acc/T-shirt-top" in keys and "acc/Ankle_boot" in keys
+
+
+def test_confusion_counts_true_rows_and_predicted_columns():
+    cm = metrics.confusion(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 1, 0], [0, 1, 0]]

@@ -21,7 +21,7 @@ SIDE = 28
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian/Ubuntu package dataset-fashion-mnist
 
 # name -> (IDX magic, expected item count, MD5 of the decompressed bytes). Debian recompressed the .gz
-# archives, so only the decompressed content has one checksum everywhere (see DESIGN.md).
+# archives, so only the decompressed content has one checksum everywhere (docs/design.md, Data).
 FILES = {
     "train-images-idx3-ubyte": (2051, 60000, "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
     "train-labels-idx1-ubyte": (2049, 60000, "9018921c3c673c538a1fc5bad174d6f9"),

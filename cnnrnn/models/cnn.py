@@ -10,8 +10,8 @@ CELL = 28  # pixels a side of one item, and of one cell of a composite
 class FastDropout(nn.Module):
     """nn.Dropout with a mask drawn as one random byte per element, so `p` is rounded to a multiple of 1/256.
 
-    On CPU, nn.Dropout's bernoulli_ costs ~17 ns per element: on the cnn's 3,136 flattened features that was a
-    quarter of a training step. Eight mask bytes per 64-bit draw make the mask ~8x cheaper (README, Speed).
+    On CPU, nn.Dropout draws a random number per element, which on the cnn's flattened features was a large share
+    of a training step; eight mask bytes per 64-bit draw make the mask several times cheaper (docs/speed.md).
     """
 
     def __init__(self, p: float):

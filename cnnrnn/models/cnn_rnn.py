@@ -29,7 +29,8 @@ class CNNRNN(ReadsCells):
     """Cell features from the reader -> LSTM over label embeddings, attending over the cells at every step."""
 
     def __init__(self, num_classes: int = 10, channels: tuple[int, ...] = (32, 64), convs: int = 2,
-                 cell_dim: int = 256, embed: int = 64, hidden: int = 256, attn_dim: int = 128, dropout: float = 0.3,
+                 cell_dim: int = 256, embed: int = 64, hidden: int = 256, attention: bool = True, attn_dim: int = 128,
+                 dropout: float = 0.3,
                  beam_size: int = 1, max_labels: int = 4, pool_first: bool = True, feedback: bool = True,
                  context_dropout: float = 0.0, target: str = "set"):
         super().__init__()
@@ -38,7 +39,8 @@ class CNNRNN(ReadsCells):
         self.multiset = target == "multiset"
         self.num_classes, self.end, self.start = num_classes, num_classes, num_classes + 1
         # max_labels is one label per cell of the largest training picture: also that picture's number of cells
-        self.beam_size, self.max_labels = beam_size, max_labels
+        # attention=False: every step reads the plain mean of the cells (the ablation of where to look)
+        self.attention, self.beam_size, self.max_labels = attention, beam_size, max_labels
         # feedback=False is the ablation: every step is fed the same (START) embedding instead of the label it
         # emitted before, so the decoder still attends step by step but never sees its own outputs.
         self.feedback = feedback
@@ -76,7 +78,7 @@ class CNNRNN(ReadsCells):
         up the training picture's number of cells. None (all) on a picture of at most that many cells.
 
         The decoder learned when to say END on pictures of `max_labels` cells: with the surplus empty cells of
-        a larger picture in its mean and its attention, it stopped early (README, Larger grids)."""
+        a larger picture in its mean and its attention, it stopped early (docs/grids.md)."""
         if h * w <= self.max_labels:
             return None
         cells = x.unflatten(2, (h, -1)).unflatten(4, (w, -1))   # (B, 1, H, W) -> (B, 1, h, H/h, w, W/w)
@@ -90,7 +92,10 @@ class CNNRNN(ReadsCells):
         """One decoding step: logits (B, C+1), the new state and the attention weights (B, L), zero on the
         cells not read."""
         h, c = state
-        scores = self.attn_score(torch.tanh(keys + self.attn_hidden(h)[:, None])).squeeze(-1)  # (B, L)
+        if self.attention:
+            scores = self.attn_score(torch.tanh(keys + self.attn_hidden(h)[:, None])).squeeze(-1)  # (B, L)
+        else:
+            scores = torch.zeros_like(feats[..., 0])                                    # (B, L): uniform
         if read is not None:
             scores = scores.masked_fill(~read, float("-inf"))
         alpha = scores.softmax(dim=1)                                                           # (B, L)

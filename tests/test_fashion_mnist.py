@@ -1,4 +1,4 @@
-"""Reading and validating the IDX files, the search order of data locations, the validation split."""
+"""The IDX files: validation, search order, the download's failure, the validation split."""
 from __future__ import annotations
 
 import gzip
@@ -113,6 +113,31 @@ def test_limit_cuts_the_training_part_only(fake_spec, fake_root):
 def test_val_size_larger_than_the_training_set_is_refused(fake_spec, fake_root):
     with pytest.raises(UserError, match="data.val_size=600 must be between 10 and 590"):
         fm.splits(fake_root, val_size=600)
+
+
+def test_a_failed_download_says_why_and_leaves_no_empty_folders(tmp_path, monkeypatch):
+    """The sentence carries the download error's cause, and the folders made for it are removed."""
+    import torchvision.datasets
+
+    class Offline:
+        def __init__(self, root, train, download):
+            (Path(root) / "FashionMNIST" / "raw").mkdir(parents=True, exist_ok=True)  # as torchvision does first
+            try:
+                raise OSError("[Errno -3] Temporary failure in name resolution")
+            except OSError as cause:
+                raise RuntimeError("Error downloading train-images-idx3-ubyte.gz") from cause
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", Offline)
+    monkeypatch.setattr(fm, "SYSTEM_DIR", tmp_path / "no-system-package")
+    (tmp_path / "project").mkdir()
+    root = tmp_path / "project" / "data"
+    with pytest.raises(UserError) as err:
+        fm.load(root)
+    message = str(err.value)
+    assert "RuntimeError: Error downloading train-images-idx3-ubyte.gz, caused by OSError: [Errno -3] Temporary " \
+           "failure in name resolution" in message
+    assert "apt-get install dataset-fashion-mnist" in message and "\n" not in message
+    assert not root.exists() and (tmp_path / "project").is_dir()  # what the download made is removed, no more
 
 
 @needs_real_data
