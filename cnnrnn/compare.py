@@ -291,7 +291,7 @@ def context_table(levels: list[float], rows: dict) -> str:
     body = [[label, *[_num(row.get(level, {}).get(key), ".4f") for level in levels for key, _ in metrics]]
             for label, row in rows.items()]
     return ("### Context: test metrics by data.degrade\n\n"
-            "Every model scores the same test composites at each level; the tile oracle is the single-label cnn "
+            "Every model scores the same test composites at each level; the tile oracle is the per-item reader "
             "on each occupied cell, told the layout (no context).\n\n" + markdown(header, body, "l" + "r" * len(
                 header[1:])) + "\n")
 

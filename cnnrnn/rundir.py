@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,15 +50,20 @@ class Claim:
                 return
 
 
-def _lock(path: Path) -> int | None:
-    """An fd holding an exclusive flock on the folder, or None if another process holds it."""
+def _lock(path: Path, patience_s: float = 1.0) -> int | None:
+    """An fd holding an exclusive flock on the folder, or None if another process holds it for `patience_s`:
+    a command that only looks at the folder and refuses holds it for milliseconds, a live run for its life."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.05)
 
 
 def _mkdirs(path: Path) -> list[Path]:

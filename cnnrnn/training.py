@@ -1,8 +1,8 @@
 """Train one model: set up, then per epoch train, validate and checkpoint, then test the best checkpoint once.
 
 No Hydra here: `fit(cfg, out_dir)` takes a typed Config and a folder, so a notebook trains a model in two lines
-(docs/python.md). `run` is what the command line calls: the run's own steps, after any model it needs first
-(the tile oracle's cnn), which is a cached run of its own, announced before anything starts.
+(docs/python.md). `run` is what the command line calls: the run's own training, after any model it needs first
+(a composite run's per-item reader), which is a cached run of its own, announced before anything starts.
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -17,6 +18,13 @@ def test_a_new_folder_is_created_and_locked(tmp_path):
         rundir.claim(tmp_path / "a" / ".." / "a" / "b")  # another spelling, another open file: still refused
     first.release()
     rundir.claim(tmp_path / "a" / "b").release()  # empty again once released: claimable
+
+
+def test_a_lock_held_for_a_moment_is_waited_for(tmp_path):
+    """Two commands looking at one folder at once: the one that waits sees the folder, not a phantom run."""
+    first = rundir.claim(tmp_path / "run")
+    threading.Timer(0.3, first.release).start()
+    rundir.claim(tmp_path / "run").release()
 
 
 def test_an_empty_folder_is_claimed_but_not_removed(tmp_path):

@@ -92,8 +92,8 @@ def item_of_class(labels: torch.Tensor, cls: torch.Tensor, u: torch.Tensor) -> t
 
 
 def label_statistics(layout: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Class frequencies, P(b present | a present), each pair's mutual information (bits) between
-    the presence of a and b, and the total correlation (bits): how much the labels tell about each other."""
+    """Class frequencies, P(b present | a present) and the total correlation (bits): how much the labels tell
+    about each other."""
     cells = torch.where(layout >= 0, labels[layout.clamp(min=0)], -1)
     c = len(CLASSES)
     hot = torch.zeros(len(layout), c + 1).scatter_(1, torch.where(cells >= 0, cells, c), 1.0)[:, :c]  # (n, C)
@@ -105,17 +105,10 @@ def label_statistics(layout: torch.Tensor, labels: torch.Tensor) -> dict:
         q = q.clamp(1e-12, 1)
         return -(q * q.log2())
 
-    mi = torch.zeros(c, c, dtype=torch.double)
-    for a in range(c):
-        for b in range(c):
-            if a != b:
-                cells4 = torch.stack([joint[a, b], p[a] - joint[a, b], p[b] - joint[a, b],
-                                      1 - p[a] - p[b] + joint[a, b]]).clamp(min=0)
-                mi[a, b] = h(p[a]) + h(1 - p[a]) + h(p[b]) + h(1 - p[b]) - h(cells4).sum()
     codes = (hot.long() * (2 ** torch.arange(c))).sum(1)
     sets = torch.bincount(codes).double() / len(codes)
     marginal = (h(p) + h(1 - p)).sum()
-    return {"freq": p.tolist(), "cond": cond.tolist(), "mi": mi.tolist(),
+    return {"freq": p.tolist(), "cond": cond.tolist(),
             "total_correlation": float(marginal - h(sets[sets > 0]).sum()), "mean_items": float(hot.sum(1).mean())}
 
 
