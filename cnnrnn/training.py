@@ -451,10 +451,12 @@ def reader_config(cfg: Config) -> Config:
 
 
 def recipe_digest(cfg: Config) -> str:
-    """8 hex digits of everything that shapes a model (not where or how fast it trains; the data's real folder)."""
+    """8 hex digits of everything that shapes a model, not where or how fast it trains. Of data.root, the folder
+    the files are found in: two clones that both read the system package share their readers."""
     values = cfg.to_dict()
     values["trainer"] = {k: v for k, v in values["trainer"].items() if k not in ("device", "threads", "progress")}
-    values["data"]["root"] = str(Path(cfg.data.root).resolve())
+    found, _ = fashion_mnist.locate(Path(cfg.data.root))
+    values["data"]["root"] = str((found["train-images-idx3-ubyte"].parent if found else Path(cfg.data.root)).resolve())
     values.pop("resume")
     return hashlib.md5(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
 

@@ -18,7 +18,7 @@ from cnnrnn.data.composite import CellFeatures, CompositeSource
 from cnnrnn.errors import UserError
 from cnnrnn.metrics import best_threshold
 from cnnrnn.ranks import StopSignals, gather_rng
-from conftest import scalars, tags, tiny, train_once
+from conftest import scalars, tags, tiny, train_once, write_dataset
 
 F1_TAGS = {"val/f1_micro", "val/f1_macro", "val/f1_samples", "val/exact_match", "val/hamming_loss",
            "test/f1_micro", "test/f1_samples", "test/exact_match"}
@@ -359,6 +359,8 @@ def test_the_reader_stage_takes_the_runs_reader_shape_and_items(tmp_path):
 
 def test_the_recipe_digest_ignores_where_and_how_fast_a_model_trains(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    write_dataset(tmp_path / "data")
+    write_dataset(tmp_path / "other")
     base = training.reader_config(tiny(Path("data"), "multilabel"))
     same = [training.reader_config(tiny(tmp_path / "data", "multilabel", trainer={"device": "cpu", "threads": 1,
                                                                                   "progress": True})),
@@ -369,6 +371,14 @@ def test_the_recipe_digest_ignores_where_and_how_fast_a_model_trains(tmp_path, m
              training.reader_config(tiny(Path("other"), "multilabel")),
              training.reader_config(tiny(Path("data"), "multilabel", data={"degrade": 0.3}))]
     assert len({training.recipe_digest(c) for c in [base, *other]}) == 5
+
+
+def test_clones_that_read_the_same_files_share_their_reader(tmp_path, monkeypatch):
+    """data.root is the default `data` of each clone; both fall back to the system package."""
+    write_dataset(tmp_path / "system")
+    monkeypatch.setattr(fashion_mnist, "SYSTEM_DIR", tmp_path / "system")
+    clones = [training.reader_config(tiny(tmp_path / name / "data", "multilabel")) for name in ("a", "b")]
+    assert training.recipe_digest(clones[0]) == training.recipe_digest(clones[1])
 
 
 def test_which_augmentations_leave_a_frozen_readers_features_fixed():
