@@ -1,6 +1,7 @@
 """Shared fixtures and helpers: fake Fashion-MNIST files, small configs, runs trained once, command lines."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -260,21 +261,52 @@ def run_main(capsys, main, *args) -> tuple[int, str, str]:
     return (0 if code is None else code), out, err
 
 
-@pytest.fixture
-def in_process(monkeypatch, tmp_path):
-    """For entry points called in this process: cwd is tmp_path; signal and log handlers are restored after."""
-    monkeypatch.chdir(tmp_path)
+def half_writer(error: BaseException):
+    """A stand-in for open() whose file takes half the bytes of a write, then raises `error` (a kill, a full disk)."""
+    real_open = open
+
+    class HalfWriter:
+        def __init__(self, name, mode):
+            self.f = real_open(name, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            raise error
+
+    return HalfWriter
+
+
+@contextlib.contextmanager
+def entry_point_state(cwd: Path):
+    """Run an entry point in this process from `cwd`: cwd, signal and log handlers are restored after."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     root = logging.getLogger()
-    before, level = list(root.handlers), root.level
-    yield tmp_path
-    for s, handler in handlers.items():
-        signal.signal(s, handler)
-    for handler in root.handlers:
-        if handler not in before:
-            handler.close()
-    root.handlers[:] = before
-    root.setLevel(level)
+    before, level, previous = list(root.handlers), root.level, os.getcwd()
+    os.chdir(cwd)
+    try:
+        yield cwd
+    finally:
+        os.chdir(previous)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        for handler in root.handlers:
+            if handler not in before:
+                handler.close()
+        root.handlers[:] = before
+        root.setLevel(level)
+
+
+@pytest.fixture
+def in_process(tmp_path):
+    """For entry points called in this process: cwd is tmp_path; signal and log handlers are restored after."""
+    with entry_point_state(tmp_path) as cwd:
+        yield cwd
 
 
 def cli_env() -> dict:

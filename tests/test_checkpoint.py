@@ -11,6 +11,7 @@ import torch
 
 from cnnrnn import checkpoint, files
 from cnnrnn.errors import UserError
+from conftest import half_writer
 
 
 class Killed(BaseException):
@@ -38,23 +39,7 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_file(tmp_path, monk
     checkpoint.save(path, {"epoch": 1, "w": torch.ones(1000)})
     killed_at = []
     if stage == "write":  # die after half the bytes
-        real_open = open
-
-        class HalfWrite:
-            def __init__(self, name, mode):
-                self.f = real_open(name, mode)
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                self.f.close()
-
-            def write(self, data):
-                self.f.write(data[: len(data) // 2])
-                raise Killed
-
-        monkeypatch.setattr(files, "open", HalfWrite, raising=False)
+        monkeypatch.setattr(files, "open", half_writer(Killed()), raising=False)
     elif stage == "flush":  # the temporary file's fsync, before the rename
         monkeypatch.setattr(files.os, "fsync", die)
     elif stage == "fsync_dir":  # the file's fsync goes through; the kill comes at the directory's

@@ -10,6 +10,7 @@ import pytest
 
 from cnnrnn import files
 from cnnrnn.errors import UserError
+from conftest import half_writer
 
 
 def full_disk(*args, **kwargs):
@@ -40,23 +41,7 @@ def test_a_full_disk_at_fsync_keeps_the_previous_file_and_says_so(tmp_path, monk
 def test_a_failing_open_or_write_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "out.json"
     files.write_atomic(path, "{}")
-
-    class HalfWritten:
-        """A file that takes half the bytes, then the disk is full."""
-        def __init__(self, name, mode):
-            self.f = open(name, mode)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, data):
-            self.f.write(data[: len(data) // 2])
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(files, "open", HalfWritten, raising=False)
+    monkeypatch.setattr(files, "open", half_writer(OSError(errno.ENOSPC, "No space left on device")), raising=False)
     with pytest.raises(UserError, match="No space left on device.*the previous out.json is intact"):
         files.write_atomic(path, '{"a": 1}')
     monkeypatch.setattr(files, "open", full_disk, raising=False)

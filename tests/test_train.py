@@ -4,8 +4,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
-import logging
-import os
 import re
 import signal
 import subprocess
@@ -21,8 +19,8 @@ from PIL import Image
 from cnnrnn import build, checkpoint, rundir, train, training
 from cnnrnn.config import preset
 from cnnrnn.errors import UserError
-from conftest import (PYTHON, ROOT, cli, cli_env, files_in, idx_bytes, needs_real_data, one_error, run_commands,
-                      run_main, scalars, tags, tiny, tiny_args, train_once, write_dataset)
+from conftest import (PYTHON, ROOT, cli, cli_env, entry_point_state, files_in, idx_bytes, needs_real_data, one_error,
+                      run_commands, run_main, scalars, tags, tiny, tiny_args, train_once, write_dataset)
 
 
 def tree(folder: Path) -> list[str]:
@@ -35,20 +33,8 @@ def cli_run(fake_dataset, tmp_path_factory) -> tuple[Path, list[str]]:
     """A tiny composite run through the command line, in this process: (run dir, its overrides)."""
     def command_line(cfg, out: Path) -> list[str]:
         args = tiny_args(Path(cfg.data.root), "task=multilabel", "trainer.epochs=1", f"hydra.run.dir={out}")
-        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        root = logging.getLogger()
-        before, cwd = list(root.handlers), os.getcwd()
-        os.chdir(out.parent)
-        try:
+        with entry_point_state(out.parent):
             train.main(args)
-        finally:
-            os.chdir(cwd)
-            for s, handler in handlers.items():
-                signal.signal(s, handler)
-            for handler in root.handlers:
-                if handler not in before:
-                    handler.close()
-            root.handlers[:] = before
         return args
 
     return train_once(fake_dataset, tmp_path_factory, "cli", lambda root: tiny(root, "multilabel"), command_line)
