@@ -102,11 +102,12 @@ def fit(cfg: Config, out_dir: str | Path, saved: dict | None = None, oracle: Pat
     (None on a rank other than 0)."""
     run = setup(cfg, Path(out_dir), saved, distributed)
     run.resume_hint = resume_hint or f"resume={out_dir}"
+    started = (time.time(), run.state.epoch)
     with StopSignals() as stop:
         while run.state.epoch < cfg.trainer.epochs:
             record = train_epoch(run, stop)
             if run.proc.rank == 0:
-                validate(run, record)
+                validate(run, record, started)
             end_epoch(run, record, stop)
     if run.proc.world > 1:
         # The test is rank 0's work alone: leave the group first, so nothing after this waits on a rank that has gone.
@@ -306,8 +307,9 @@ def evaluate(run: Training, source, desc: str):
                  progress=desc if run.cfg.trainer.progress else None)
 
 
-def validate(run: Training, record: dict) -> dict:
-    """Rank 0 after an epoch: add the train and val metrics to `record`, write it to TensorBoard, log one line."""
+def validate(run: Training, record: dict, started: tuple[float, int] | None = None) -> dict:
+    """Rank 0 after an epoch: add the train and val metrics to `record`, write it to TensorBoard, log one line
+    (with the time the remaining epochs will take at this process's pace, given `started`: (time, first epoch))."""
     names = run.task.scalars
     if len(run.sources.train_eval):
         train_m, _, _ = evaluate(run, run.sources.train_eval, "train items")
@@ -320,10 +322,21 @@ def validate(run: Training, record: dict) -> dict:
             run.writer.add_scalar(tag, value, run.state.global_step)
     run.writer.flush()
     shown = ("acc", "epoch_loss", "loss", "f1_samples", "exact_match")
-    log.info("epoch %d/%d  %s  %.1f ms/step", record["epoch"], run.cfg.trainer.epochs, "  ".join(
+    left, epochs = "", run.cfg.trainer.epochs
+    if started and record["epoch"] < epochs:
+        per_epoch = (time.time() - started[0]) / (record["epoch"] - started[1])
+        left = f", {time_left(per_epoch * (epochs - record['epoch']))} left"
+    log.info("epoch %d/%d  %s  %.1f ms/step%s", record["epoch"], epochs, "  ".join(
         f"{k}={v:.4f}" for k, v in record.items() if k.split("/")[0] in ("train", "val")
-        and k.split("/")[1] in shown), record["perf/ms_per_step"])
+        and k.split("/")[1] in shown), record["perf/ms_per_step"], left)
     return record
+
+
+def time_left(seconds: float) -> str:
+    """About how long, for a person: '40 s', '12 min', '1.5 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def end_epoch(run: Training, record: dict, stop: StopSignals) -> None:
