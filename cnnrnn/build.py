@@ -9,18 +9,18 @@ import torch
 from torch import nn
 
 from cnnrnn import checkpoint
-from cnnrnn.config import Config, from_dict
+from cnnrnn.config import MODEL_OF, Config, from_dict
 from cnnrnn.data.fashion_mnist import CLASSES
 from cnnrnn.errors import UserError
 from cnnrnn.models import build_model
 from cnnrnn.models.cnn import SmallCNN
-from cnnrnn.tasks import make_task
+from cnnrnn.tasks import Task, make_task
 
 
 def model(cfg: Config) -> nn.Module:
     # decoding stops at END or after one label per cell of the largest training grid (tasks.LabelSequence passes
     # each picture's own number of cells instead)
-    return build_model(**cfg.model, num_classes=len(CLASSES), max_labels=max(cfg.data.grids) ** 2)
+    return build_model(MODEL_OF[cfg.task], **cfg.model, num_classes=len(CLASSES), max_labels=max(cfg.data.grids) ** 2)
 
 
 def optimizer(cfg: Config, net: nn.Module, steps_per_epoch: int):
@@ -81,7 +81,7 @@ def from_checkpoint(state: dict, path, device: torch.device | str = "cpu"):
     except (RuntimeError, KeyError, TypeError) as exc:
         lines = str(exc).splitlines()
         reason = (lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__).strip()
-        raise UserError(f"{path} holds weights that do not fit a {cfg.model['name']} model of task={cfg.task} "
+        raise UserError(f"{path} holds weights that do not fit a {MODEL_OF[cfg.task]} model of task={cfg.task} "
                         f"({reason}); it comes from another model family or version.") from None
     # channels_last as in training: the convolutions then sum in the same order, so evaluate reproduces the
     # run's numbers exactly (under bf16 the other layout moves test/map and test/loss)
@@ -100,16 +100,16 @@ def reader_model(path, device: torch.device | str = "cpu", what: str = "model.in
     return net
 
 
-def init_encoder(net: nn.Module, path) -> None:
-    """Load a reader checkpoint into a composite model's reader, exactly; a sentence if its shape differs."""
+def init_encoder(net: nn.Module, reader: SmallCNN, path) -> None:
+    """Copy a reader (read from `path`) into a composite model's reader, exactly; a sentence if its shape differs."""
     try:
-        net.reader.load_state_dict(reader_model(path).state_dict())
+        net.reader.load_state_dict(reader.state_dict())
     except RuntimeError:
         raise UserError(f"model.init_from={path} is a reader of another shape than this model's; train it with the "
-                        f"same model.channels, model.convs, model.pool_first and hidden = model.cell_dim.") from None
+                        f"same model.channels, model.convs and hidden = model.cell_dim.") from None
 
 
-def probe(cfg: Config, task) -> None:
+def probe(cfg: Config, task: Task) -> None:
     """Build the model and its optimizer and run a blank batch through the task's loss, so that sizes or settings
     torch rejects are one sentence before any work, not a traceback after the data is read."""
     try:
@@ -134,5 +134,5 @@ def preflight(cfg: Config) -> None:
     probe(cfg, task)
     task.scene_spec(cfg)
     if cfg.model.get("init_from"):
-        init_encoder(model(cfg), cfg.model["init_from"])
+        init_encoder(model(cfg), reader_model(cfg.model["init_from"]), cfg.model["init_from"])
 

@@ -14,7 +14,7 @@ import torch
 from cnnrnn.errors import UserError
 from cnnrnn.files import write_atomic
 
-FORMAT = "cnnrnn/2"
+FORMAT = "cnnrnn/3"
 
 
 def rng_state() -> dict:
@@ -46,7 +46,8 @@ def save(path: str | Path, state: dict) -> None:
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint (a run dir means its best.pt); one sentence naming the file if it cannot be one."""
+    """Read a checkpoint (a run dir means its best.pt); one sentence naming the file if it cannot be one. torch.load
+    checks no checksum, so the zip's CRCs are checked first: a flipped byte inside a tensor is caught there."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoints" / "best.pt" if (path / "checkpoints").is_dir() else path / "best.pt"
@@ -54,35 +55,25 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
         raise UserError(f"Checkpoint {path} does not exist; give the path of a .pt file written by a run "
                         f"(RUN_DIR/checkpoints/best.pt).")
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise UserError(f"Checkpoint {path} cannot be read ({exc.strerror or type(exc).__name__}); give a file you "
-                        f"can read.") from None
-    if not raw:
-        raise UserError(f"Checkpoint {path} is empty (0 bytes); use another checkpoint of that run.")
-    if not zipfile.is_zipfile(io.BytesIO(raw)):  # torch.save writes a zip archive; its directory sits at the end
-        raise UserError(f"{path} is not a readable checkpoint (truncated, or another kind of file); use a complete "
-                        f"checkpoint written by cnnrnn.")
-    try:
-        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
-            broken = archive.testzip()  # the CRC of every member: a flipped byte inside a tensor is caught here
-    except (zipfile.BadZipFile, OSError, RuntimeError, ValueError) as exc:
-        broken = str(exc) or type(exc).__name__
-    if broken:
-        raise UserError(f"{path} is damaged ({broken} fails its checksum); use another checkpoint of that run.")
-    try:
-        state = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
+        if path.stat().st_size == 0:
+            raise UserError(f"Checkpoint {path} is empty (0 bytes); use another checkpoint of that run.")
+        with zipfile.ZipFile(path) as archive:
+            broken = archive.testzip()
+        if broken:
+            raise UserError(f"{path} is damaged ({broken} fails its checksum); use another checkpoint of that run.")
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError:
+        raise UserError(f"Checkpoint {path} cannot be read (permission denied); give a file you can read.") from None
     except pickle.UnpicklingError as exc:
-        if "GLOBAL" in str(exc) or "global" in str(exc):  # what the weights-only unpickler says of an object
+        if "global" in str(exc).lower():  # what the weights-only unpickler says of an object
             raise UserError(f"Checkpoint {path} holds Python objects beyond tensors and plain data, which could run "
                             f"code, and is refused (cnnrnn loads with weights_only=True); use a checkpoint written "
                             f"by cnnrnn.") from None
         raise UserError(f"{path} is damaged (its contents cannot be unpickled); use another checkpoint of that "
                         f"run.") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except (OSError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{path} is not a readable checkpoint (truncated or another kind of file: {reason}); "
+        raise UserError(f"{path} is not a readable checkpoint (truncated, empty or another kind of file: {reason}); "
                         f"use a complete checkpoint written by cnnrnn.") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is a PyTorch file but not a cnnrnn checkpoint of this version; use "

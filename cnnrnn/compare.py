@@ -1,13 +1,11 @@
 """Compare finished runs: python -m cnnrnn.compare RUN_DIR_OR_GLOB ... [--out DIR] [--x epoch|time].
 
 Reads each run's metrics.json, its config (.hydra/config.yaml, else checkpoints/last.pt) and its validation
-curve from the TensorBoard events, and writes into DIR `table.md` (single-label and multi-label runs in a table
-each; also printed) and `curves.png` (every run's validation curve). A folder stands for every run below it;
-runs that have not finished, or whose metrics.json is not a flat object of numbers, are left out with a warning.
-When the multi-label runs differ in data.degrade (the context experiment, `python -m cnnrnn.train -m
-+experiment=context`), also `context.md` and `context.png`: test f1_samples and exact match per model and degrade
-level, beside the tile oracle. DIR defaults to the one folder of runs given, else runs/compare/TIME; compare
-writes only into a new or empty folder or one it wrote before, and never over a file it did not make.
+curve (the history in checkpoints/last.pt), and writes into DIR `table.md` (single-label and multi-label runs in
+a table each; also printed) and `curves.png` (every run's validation curve). A folder stands for every run below
+it; runs that have not finished, or whose metrics.json is not a flat object of numbers, are left out with a
+warning. DIR defaults to the one folder of runs given, else runs/compare/TIME; compare writes only into a new or
+empty folder or one it wrote before, and never over a file it did not make.
 """
 from __future__ import annotations
 
@@ -17,19 +15,18 @@ import json
 import logging
 import math
 import os
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cnnrnn.errors import UserError, fail
 from cnnrnn.files import write_atomic
+from cnnrnn.report import duration, markdown
 
 log = logging.getLogger("cnnrnn")
 
 DASH = "–"
-ARMS = ("decoder", "decoder, no feedback", "BCE")  # the context experiment's rows, in this order
-ORACLE = "tile oracle"
+OUTPUTS = ("table.md", "curves.png")
 MARK = ".compare"  # in an output folder: the files compare wrote there, one per line
 
 
@@ -39,7 +36,7 @@ class Run:
     metrics: dict
     config: dict
     name: str = ""
-    curve: list[tuple[int, float, float]] = field(default_factory=list)  # (epoch, seconds since start, value)
+    curve: list[tuple[int, float | None, float]] = field(default_factory=list)  # (epoch, seconds from start, value)
 
     @property
     def single(self) -> bool:
@@ -54,12 +51,6 @@ class Run:
     @property
     def task(self) -> str:
         return str(self.config.get("task", DASH))
-
-    @property
-    def degrade(self) -> float:
-        data = self.config.get("data")
-        value = data.get("degrade", 0.0) if isinstance(data, dict) else 0.0
-        return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 # --- finding runs -------------------------------------------------------------------------------------------
@@ -143,17 +134,15 @@ def read_config(run: Path) -> dict:
     return {}
 
 
-def val_curve(run: Path, tag: str) -> list[tuple[int, float, float]]:
-    """(epoch, seconds since the run's first logged step, value) of a per-epoch TensorBoard scalar."""
-    from tensorboard.backend.event_processing import event_accumulator as ea
+def val_curve(run: Path, tag: str) -> list[tuple[int, float | None, float]]:
+    """(epoch, seconds since the run started, value) of a validation metric, from the history in last.pt."""
+    from cnnrnn import checkpoint
 
-    acc = ea.EventAccumulator(str(run), size_guidance={ea.SCALARS: 0})
-    acc.Reload()
-    tags = acc.Tags().get("scalars", [])
-    if tag not in tags:
+    last = run / "checkpoints" / "last.pt"
+    if not last.is_file():
         return []
-    start = min(events[0].wall_time for events in (acc.Scalars(t) for t in tags) if events)
-    return [(i + 1, e.wall_time - start, e.value) for i, e in enumerate(acc.Scalars(tag))]
+    history = checkpoint.entry(checkpoint.entry(checkpoint.load(last), "state", dict, last), "history", list, last)
+    return [(h["epoch"], h.get("wall_s"), h[tag]) for h in history if isinstance(h, dict) and tag in h]
 
 
 def read_run(path: Path) -> Run | None:
@@ -168,14 +157,14 @@ def read_run(path: Path) -> Run | None:
         log.warning("left out: %s holds a %s, not an object of metrics", path / "metrics.json", type(metrics).__name__)
         return None
     # a number that is not one (a string, a list, a bool) would break the tables: only real numbers are kept
-    kept = {k: v for k, v in metrics.items() if k == "hardware" or isinstance(v, (int, float))
+    kept = {k: v for k, v in metrics.items() if k in ("hardware", "oracle/ckpt") or isinstance(v, (int, float))
             and not isinstance(v, bool) and math.isfinite(v)}
     if len(kept) < len(metrics):
         log.warning("%s: %d entries that are not numbers left out", path / "metrics.json", len(metrics) - len(kept))
     run = Run(path, kept, read_config(path))
     run.curve = val_curve(path, f"val/{run.select}")
     if not run.curve:
-        log.warning("%s: no val/%s curve in its TensorBoard events", path, run.select)
+        log.warning("%s: no val/%s curve in its checkpoints/last.pt", path, run.select)
     return run
 
 
@@ -191,20 +180,6 @@ def name_runs(runs: list[Run]) -> None:
 
 def _num(value, fmt: str) -> str:
     return DASH if value is None else format(value, fmt)
-
-
-def _duration(seconds) -> str:
-    if seconds is None:
-        return DASH
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.2f} h"
-
-
-def markdown(header: list[str], rows: list[list[str]], align: str) -> str:
-    """A Markdown table; align holds 'l' or 'r' per column."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def runs_table(runs: list[Run], single: bool) -> str:
@@ -223,7 +198,7 @@ def runs_table(runs: list[Run], single: bool) -> str:
         rows.append([f"`{r.name}`", r.task, _num(m.get("params"), ","), epochs,
                      _num(m.get(f"val/{r.select}_best"), ".2%" if single else ".4f"),
                      *[_num(m.get(key), fmt) for key, _, fmt in tests], _num(m.get("train/ms_per_step"), ".1f"),
-                     _duration(m.get("wall_time_s")), str(m.get("hardware", DASH))])
+                     duration(m.get("wall_time_s")), str(m.get("hardware", DASH))])
     return markdown(header, rows, "ll" + "r" * (len(header) - 3) + "l")
 
 
@@ -236,64 +211,6 @@ def table(runs: list[Run]) -> str:
         if chosen:
             parts.append(f"### {title}\n\n{runs_table(chosen, single)}\n")
     return "\n".join(parts)
-
-
-# --- the context experiment ---------------------------------------------------------------------------------
-
-def arm(run: Run) -> str:
-    """The context experiment's row for a run: decoder, decoder without feedback, BCE (else its task)."""
-    model = run.config.get("model", {})
-    if model.get("name") == "cnn_bce" or run.task == "multilabel_bce":
-        return "BCE"
-    if model.get("name") == "cnn_rnn":
-        return "decoder" if model.get("feedback", True) else "decoder, no feedback"
-    return run.task
-
-
-def context_groups(runs: list[Run]) -> tuple[list[float], dict[str, dict[float, dict[str, float]]]] | None:
-    """Degrade levels and {row: {level: {metric: value}}} (means over a group's runs), or None when the
-    multi-label runs do not differ in data.degrade."""
-    multi = [r for r in runs if not r.single]
-    levels = sorted({r.degrade for r in multi})
-    if len(levels) < 2:
-        return None
-    grouped: dict[str, dict[float, list[Run]]] = {}
-    for r in multi:
-        grouped.setdefault(arm(r), {}).setdefault(r.degrade, []).append(r)
-    keys = ("test/f1_samples", "test/exact_match", "test/grounding")
-    rows = {}
-    for label in [*[a for a in ARMS if a in grouped], *[a for a in grouped if a not in ARMS]]:
-        rows[label] = {}
-        for level, members in grouped[label].items():
-            if len(members) > 1:
-                log.info("context: %s at degrade %g averages %d runs", label, level, len(members))
-            rows[label][level] = {k: statistics.mean(m.metrics[k] for m in members) for k in keys
-                                  if all(k in m.metrics for m in members)}
-    # The oracle scores the same test composites for every arm of a level: take the first run that has it.
-    oracle = {}
-    for level in levels:
-        first = next((r for r in multi if r.degrade == level and "oracle/f1_samples" in r.metrics), None)
-        if first is not None:
-            oracle[level] = {"test/f1_samples": first.metrics["oracle/f1_samples"],
-                             "test/exact_match": first.metrics.get("oracle/exact_match")}
-    if oracle:
-        rows[ORACLE] = oracle
-    return levels, rows
-
-
-def context_table(levels: list[float], rows: dict) -> str:
-    """context.md: rows per model, test f1_samples and exact match (and the decoder's grounding) per level."""
-    grounding = any("test/grounding" in cell for row in rows.values() for cell in row.values())
-    metrics = [("test/f1_samples", "f1_samples"), ("test/exact_match", "exact match")]
-    if grounding:
-        metrics.append(("test/grounding", "grounding"))
-    header = ["model", *[f"{name} (degrade {level:g})" for level in levels for _, name in metrics]]
-    body = [[label, *[_num(row.get(level, {}).get(key), ".4f") for level in levels for key, _ in metrics]]
-            for label, row in rows.items()]
-    return ("### Context: test metrics by data.degrade\n\n"
-            "Every model scores the same test composites at each level; the tile oracle is the per-item reader "
-            "on each occupied cell, told the layout (no context).\n\n" + markdown(header, body, "l" + "r" * len(
-                header[1:])) + "\n")
 
 
 # --- the command --------------------------------------------------------------------------------------------
@@ -314,8 +231,7 @@ def out_dir(inputs: list[str], out: str | None) -> Path:
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {folder} is a file; give a folder for table.md and curves.png.")
     ours = set((folder / MARK).read_text().split()) if (folder / MARK).is_file() else set()
-    theirs = [n for n in ("table.md", "curves.png", "context.md", "context.png") if (folder / n).exists()
-              and n not in ours]
+    theirs = [n for n in OUTPUTS if (folder / n).exists() and n not in ours]
     if theirs:
         raise UserError(f"--out {folder} holds a {theirs[0]} that compare did not write; choose a new folder with "
                         f"--out, so that nothing of yours is overwritten.")
@@ -331,7 +247,7 @@ def out_dir(inputs: list[str], out: str | None) -> Path:
 
 
 def compare(inputs: list[str], out: str | None = None, x: str = "epoch") -> dict[str, Path]:
-    """Write table.md and curves.png (and context.md, context.png) for these runs; returns what was written."""
+    """Write table.md and curves.png for these runs; returns what was written."""
     from cnnrnn import viz
 
     folder = out_dir(inputs, out)
@@ -340,28 +256,17 @@ def compare(inputs: list[str], out: str | None = None, x: str = "epoch") -> dict
         raise UserError(f"none of {' '.join(inputs)} has a readable metrics.json; recompute them with python -m "
                         f"cnnrnn.evaluate RUN_DIR.")
     name_runs(runs)
-    written = {name: folder / name for name in ("table.md", "curves.png")}
-    text = table(runs)
     series = {}
     for r in runs:
-        label = "val acc" if r.single else "val f1_samples"
-        xs = [e if x == "epoch" else s / 60 for e, s, _ in r.curve]
-        series.setdefault(label, []).append((r.name, xs, [v for _, _, v in r.curve]))
-    context = context_groups(runs)
-    if context is not None:
-        written.update({name: folder / name for name in ("context.md", "context.png")})
-    write_atomic(folder / MARK, "\n".join(written) + "\n")  # first: what follows is compare's to replace
-    write_atomic(written["table.md"], text)
-    viz.save(viz.compare_curves(series, "epoch" if x == "epoch" else "wall time (min)"), written["curves.png"])
-    if context is not None:
-        levels, rows = context
-        context_md = context_table(levels, rows)
-        text += "\n" + context_md
-        write_atomic(written["context.md"], context_md)
-        lines = {label: [row.get(level, {}).get("test/f1_samples") for level in levels] for label, row in rows.items()}
-        viz.save(viz.by_degrade(levels, lines, "test f1_samples", dashed=(ORACLE,)), written["context.png"])
+        points = [(e if x == "epoch" else s / 60, v) for e, s, v in r.curve if x == "epoch" or s is not None]
+        series.setdefault("val acc" if r.single else "val f1_samples", []).append(
+            (r.name, [p[0] for p in points], [p[1] for p in points]))
+    text = table(runs)
+    write_atomic(folder / MARK, "\n".join(OUTPUTS) + "\n")  # first: what follows is compare's to replace
+    write_atomic(folder / "table.md", text)
+    viz.save(viz.compare_curves(series, "epoch" if x == "epoch" else "wall time (min)"), folder / "curves.png")
     print(text, end="")
-    return written
+    return {name: folder / name for name in OUTPUTS}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,9 +27,8 @@ class Trainer:
     batch_size: int = 128
     device: str = "auto"                   # auto | cpu | cuda (auto: CUDA when present)
     threads: typing.Optional[int] = None   # torch intra-op threads; null = every core, or this process's share of them
-    amp: typing.Optional[bool] = True      # bf16 autocast (fast on CPUs with AVX512-BF16 or AMX, and on GPUs);
-                                           # null = only on a CUDA GPU with native bf16; false on an older CPU
-    compile: bool = False                  # torch.compile the model
+    amp: typing.Optional[bool] = None      # bf16 autocast; null = where the hardware computes bf16 natively (a CUDA
+                                           # GPU, a CPU with AVX512-BF16 or AMX), fp32 elsewhere (docs/speed.md)
     ema: typing.Optional[float] = 0.999    # evaluate and save an exponential moving average of the weights; null = off
     ckpt_every: int = 0                    # also write last.pt every N steps (0: at epoch ends only)
     log_every: int = 10                    # the step losses reach the host every N steps (TensorBoard, bar, stop
@@ -55,16 +54,12 @@ class Optim:
 class Data:
     root: str = "data/"
     limit: typing.Optional[int] = None     # use only the first N training items
-    val_size: int = 5000                   # held out of the 60,000 training images, stratified
+    val_size: int = 5000                   # held out of the training items, stratified
     seed: int = 0                          # fixes the validation split and the val/test composites for every run
     train_eval_size: int = 5000            # fixed training items scored each epoch, for train curves comparable to val
     augment: bool = True                   # train-time changes of every item (val/test never): the keys below
     hflip: float = 0.5                     # probability of a horizontal flip
     shift: int = 0                         # pixels of random shift (crop with padding), inside the item's cell
-    erase: float = 0.0                     # probability of one erased box
-    rotate: float = 0.0                    # degrees (albumentations)
-    scale: float = 0.0                     # fraction (albumentations)
-    contrast: float = 0.0                  # brightness/contrast limit (albumentations)
     grid: typing.Any = 2                   # composites: grid x grid cells of 28x28; a list, e.g. [2,3], mixes sizes
     eval_grid: typing.Optional[int] = None  # validation/test grid; null = data.grid (the largest of a list)
     repeats: float = 0.0                   # probability that an item takes the class of an earlier item (counting)
@@ -109,43 +104,51 @@ class Config:
     trainer: Trainer = field(default_factory=Trainer)
     optim: Optim = field(default_factory=Optim)
     data: Data = field(default_factory=Data)
-    model: dict = field(default_factory=lambda: model_keys("cnn_rnn"))  # name + the model's constructor arguments
+    model: dict = field(default_factory=lambda: model_keys("cnn_rnn"))  # the model's constructor arguments
     reader: Reader = field(default_factory=Reader)
     eval: Eval = field(default_factory=Eval)
 
-    @property
-    def kind(self) -> str:
-        return MODELS[self.model["name"]].kind
-
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain data; a single-label task's dict leaves out the keys only composite tasks have."""
+        values = dataclasses.asdict(self)
+        if MODELS[MODEL_OF[self.task]].kind == "single":
+            _drop(values, COMPOSITE_ONLY)
+        return values
 
 
-# Each task: the keys that differ from the defaults above (the main job's recipe: AdamW with cosine decay, label
-# smoothing, weight decay, an EMA of the weights, bf16 autocast, flips; chosen on validation, docs/recipes.md).
+# Each task's model (the registry's name) and the keys that differ from the defaults above (the main job's
+# recipe: AdamW with cosine decay, label smoothing, weight decay, an EMA of the weights, flips; chosen on
+# validation, docs/recipes.md).
+MODEL_OF = {"lstm": "lstm", "lstm2": "lstm", "cnn": "cnn", "reader": "cnn", "multilabel": "cnn_rnn",
+            "multilabel_bce": "cnn_bce"}
 PRESETS: dict[str, dict] = {
     # The write-up's LSTM: augmentation lowered its validation accuracy; clipping keeps its early steps stable.
-    "lstm": {"model": {"name": "lstm", "dropout": 0.2}, "trainer": {"epochs": 30},
-             "optim": {"lr": 2e-3, "grad_clip": 1.0}, "data": {"augment": False}, "eval": {"tta": False}},
+    "lstm": {"model": {"dropout": 0.2}, "trainer": {"epochs": 30}, "optim": {"lr": 2e-3, "grad_clip": 1.0},
+             "data": {"augment": False}, "eval": {"tta": False}},
     # Two stacked layers of 512 memorise the training set by epoch 20 without more dropout and weight decay.
-    "lstm2": {"model": {"name": "lstm", "hidden": 512, "layers": 2, "dropout": 0.4}, "trainer": {"epochs": 25},
+    "lstm2": {"model": {"hidden": 512, "layers": 2, "dropout": 0.4}, "trainer": {"epochs": 25},
               "optim": {"weight_decay": 0.1, "grad_clip": 1.0}, "data": {"augment": False}, "eval": {"tta": False}},
     # The write-up's CNN: conv32-pool-conv64-pool-dense128.
-    "cnn": {"model": {"name": "cnn"}, "trainer": {"epochs": 40}, "eval": {"tta": False}},
+    "cnn": {"trainer": {"epochs": 40}, "eval": {"tta": False}},
     # The per-item reader of the composite models: two convs per stage and a dense layer of 256, random shifts
     # (crop with padding 2), a warm-up, a higher rate at batch 256; the recipe that won on validation within 15
     # minutes of two CPU cores (docs/recipes.md).
-    "reader": {"model": {"name": "cnn", "convs": 2, "hidden": 256}, "trainer": {"epochs": 30, "batch_size": 256},
+    "reader": {"model": {"convs": 2, "hidden": 256}, "trainer": {"epochs": 30, "batch_size": 256},
                "optim": {"lr": 4e-3, "warmup_epochs": 1.0}, "data": {"shift": 2}},
     "multilabel": {},
     # The BCE head on the same reader: its max over the cells needs the reader fine-tuned (frozen, it scored 1.4
     # points lower on validation), and three epochs of that are enough.
-    "multilabel_bce": {"model": {"name": "cnn_bce"}, "trainer": {"epochs": 3},
-                       "optim": {"label_smoothing": 0.0, "reader_lr": 1.0}},
-    # Wider everywhere and a longer reader schedule, for a GPU; the same commands and outputs as task=multilabel.
-    "multilabel_large": {"model": {"channels": [64, 128], "cell_dim": 512, "embed": 128, "hidden": 512,
-                                   "attn_dim": 256}, "reader": {"epochs": 60}},
+    "multilabel_bce": {"trainer": {"epochs": 3}, "optim": {"label_smoothing": 0.0, "reader_lr": 1.0}},
 }
+# Keys that mean something only for composites: a single-label task has none of them.
+COMPOSITE_ONLY = ("reader", "optim.reader_lr", "data.grid", "data.eval_grid", "data.repeats", "data.min_items",
+                  "data.max_items", "data.test_size", "data.epoch_size", "data.scene")
+
+
+def _drop(values: dict, keys) -> None:
+    for key in keys:
+        group, _, leaf = key.rpartition(".")
+        (values[group] if group else values).pop(leaf, None)
 
 
 def preset_dict(task: str) -> dict:
@@ -154,7 +157,7 @@ def preset_dict(task: str) -> dict:
         raise UserError(f"Unknown task '{task}'{_suggest(task, PRESETS)}; choose one of {', '.join(PRESETS)}.")
     values = Config(task=task).to_dict()
     changes = copy.deepcopy(PRESETS[task])
-    values["model"] = {**model_keys(changes.get("model", {}).get("name", "cnn_rnn")), **changes.pop("model", {})}
+    values["model"] = {**model_keys(MODEL_OF[task]), **changes.pop("model", {})}
     for group, keys in changes.items():
         values[group].update(keys)
     return values
@@ -183,9 +186,13 @@ def known_keys(task: str) -> set[str]:
 
 def check_key(key: str, task: str) -> None:
     """One sentence for a key the task's config does not have, with the closest one."""
-    known = known_keys(task if task in PRESETS else "multilabel")
+    task = task if task in PRESETS else "multilabel"
+    known = known_keys(task)
     if key in known:
         return
+    if key in known_keys("multilabel") and key.startswith(COMPOSITE_ONLY):
+        raise UserError(f"{key} is a setting of the composite tasks (multilabel, multilabel_bce); task={task} reads "
+                        f"single items, so drop it.")
     parent, _, leaf = key.rpartition(".")
     siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
     close = ([f"{parent + '.' if parent else ''}{c}" for c in difflib.get_close_matches(leaf, siblings, n=1)]
@@ -220,7 +227,7 @@ def _coerce(value, annotation, where: str):
     return value
 
 
-def _build(cls, values: dict, prefix: str):
+def _build(cls, values: dict, prefix: str, task: str = ""):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -230,17 +237,12 @@ def _build(cls, values: dict, prefix: str):
             raise UserError(f"Unknown config key '{where}'{_suggest(key, fields)}; "
                             f"`python -m cnnrnn.train --cfg job` lists every key.")
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
+        if dataclasses.is_dataclass(hint) or hint is dict:
             if not isinstance(value, dict):
                 raise UserError(f"{where} is a group of keys, not a value; set {where}.KEY=VALUE instead.")
-            kwargs[key] = _build(hint, value, f"{where}.")
-        elif hint is dict:  # the model group: its model's defaults completed by what is given
-            if not isinstance(value, dict):
-                raise UserError(f"{where} is a group of keys, not a value; set {where}.KEY=VALUE instead.")
-            name = value.get("name")
-            if name not in MODELS:
-                raise UserError(f"model.name={name!r} must be one of {', '.join(MODELS)}.")
-            kwargs[key] = {**model_keys(name), **value}
+            # the model group: the task's model's defaults completed by what is given
+            kwargs[key] = _build(hint, value, f"{where}.") if hint is not dict else {
+                **model_keys(MODEL_OF[task]), **value}
         else:
             kwargs[key] = _coerce(value, hint, where)
     return cls(**kwargs)
@@ -254,8 +256,6 @@ def _require(ok: bool, message: str) -> None:
 def validate(cfg: Config) -> Config:
     """Refuse invalid values with one sentence that names the key and the fix."""
     t, o, d = cfg.trainer, cfg.optim, cfg.data
-    _require(cfg.task in PRESETS, f"Unknown task '{cfg.task}'{_suggest(cfg.task, PRESETS)}; choose one of "
-             f"{', '.join(PRESETS)}.")
     for key, seed in (("seed", cfg.seed), ("data.seed", d.seed)):  # numpy takes seeds below 2**32; offsets are added
         _require(0 <= seed <= MAX_SEED, f"{key}={seed} must be between 0 and {MAX_SEED}.")
     _require(t.epochs >= 1, f"trainer.epochs={t.epochs} must be at least 1.")
@@ -276,14 +276,19 @@ def validate(cfg: Config) -> Config:
     _require(0 <= o.label_smoothing < 1, f"optim.label_smoothing={o.label_smoothing} must be in [0, 1).")
     _require(0 <= o.reader_lr <= 1, f"optim.reader_lr={o.reader_lr} must be a share of optim.lr in [0, 1].")
     _require(d.limit is None or d.limit >= 1, f"data.limit={d.limit} must be at least 1 or null.")
-    _require(10 <= d.val_size <= 59990, f"data.val_size={d.val_size} must be between 10 and 59990 (Fashion-MNIST "
-             f"has 60000 training images); set a smaller data.val_size.")
+    _require(d.val_size >= 1, f"data.val_size={d.val_size} must be at least 1.")
     _require(d.train_eval_size >= 0, f"data.train_eval_size={d.train_eval_size} must be 0 or more.")
-    _require(0 <= d.hflip <= 1 and 0 <= d.erase <= 1, "data.hflip and data.erase are probabilities in [0, 1].")
+    _require(0 <= d.hflip <= 1, f"data.hflip={d.hflip} is a probability in [0, 1].")
     _require(0 <= d.shift <= 8, f"data.shift={d.shift} must be between 0 and 8 pixels.")
-    _require(0 <= d.rotate <= 90, f"data.rotate={d.rotate} must be between 0 and 90 degrees.")
-    _require(0 <= d.scale < 1, f"data.scale={d.scale} must be a fraction in [0, 1), e.g. 0.1.")
-    _require(0 <= d.contrast < 1, f"data.contrast={d.contrast} must be a fraction in [0, 1), e.g. 0.2.")
+    _require(0 <= d.degrade <= 1, f"data.degrade={d.degrade} must be a strength in [0, 1] (0 = off).")
+    if MODELS[MODEL_OF[cfg.task]].kind != "single":
+        validate_composites(cfg)
+    MODELS[MODEL_OF[cfg.task]].check(cfg.model)
+    return cfg
+
+
+def validate_composites(cfg: Config) -> None:
+    d = cfg.data
     grids = d.grid if isinstance(d.grid, (list, tuple)) else [d.grid]
     _require(len(grids) >= 1 and all(isinstance(g, int) and not isinstance(g, bool) and 1 <= g <= MAX_GRID
                                      for g in grids),
@@ -300,20 +305,17 @@ def validate(cfg: Config) -> Config:
              f"{min(grids)}x{min(grids)} grid has cells; lower it or drop that grid from data.grid.")
     _require(0 <= d.repeats <= 1, f"data.repeats={d.repeats} must be a probability in [0, 1] (0 = off).")
     _require(d.test_size >= 1, f"data.test_size={d.test_size} must be at least 1.")
-    _require(0 <= d.degrade <= 1, f"data.degrade={d.degrade} must be a strength in [0, 1] (0 = off).")
     _require(bool(d.scene), "data.scene must name a scene: uniform, or a file under configs/scene/.")
     _require(d.epoch_size is None or d.epoch_size >= 1, f"data.epoch_size={d.epoch_size} must be at least 1.")
     _require(cfg.reader.epochs is None or cfg.reader.epochs >= 1, f"reader.epochs={cfg.reader.epochs} must be at "
              f"least 1 or null.")
-    name, expected = cfg.model.get("name"), PRESETS[cfg.task].get("model", {}).get("name", "cnn_rnn")
-    _require(name == expected, f"model.name={name!r} cannot be trained by task={cfg.task} (it trains {expected}); "
-             f"drop the model override, or choose the task of that model.")
-    MODELS[name].check(cfg.model)
-    return cfg
 
 
 def from_dict(values: dict) -> Config:
     """A validated Config from a plain (resolved) dict; UserError names the first bad key."""
     if not isinstance(values, dict):
         raise UserError(f"A config must be a mapping of keys, not {type(values).__name__}.")
-    return validate(_build(Config, values, ""))
+    task = values.get("task", Config.task)
+    _require(task in PRESETS, f"Unknown task '{task}'{_suggest(str(task), PRESETS)}; choose one of "
+             f"{', '.join(PRESETS)}.")
+    return validate(_build(Config, values, "", task))

@@ -3,7 +3,7 @@
 Trains a small decoder through the Python API (a reader on 20,000 items, then the decoder on its frozen
 features), writes a few test composites as PNG files and names their items with the trained checkpoint, as
 `python -m cnnrnn.predict` would. Everything goes to FOLDER (default runs/demo/TIME); `tensorboard --logdir runs`
-shows its F1 curves and attention maps. About 5 minutes on two CPU cores.
+shows its F1 curves and attention maps. About 3 minutes on two CPU cores.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from cnnrnn import inference, training
+from cnnrnn import inference, stages
 from cnnrnn.config import preset
 from cnnrnn.errors import UserError, fail
 from cnnrnn.files import write_atomic
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         folder = claim(args.folder, "FOLDER").path
         cfg = preset("multilabel", **{**SMALL, "reader": {**SMALL["reader"], "cache": str(folder)}})
-        results = training.run(cfg, folder / "run")
+        results = stages.run(cfg, folder / "run")
         pictures = write_pictures(folder / "pictures", cfg, count=8)
         model = inference.load(str(folder / "run" / "checkpoints" / "best.pt"))
         labels, scores = model.infer(pictures["images"])

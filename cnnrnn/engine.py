@@ -48,14 +48,25 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
             for k, v in batch.items()}
 
 
-def resolve_amp(setting: bool | None, device: torch.device) -> bool:
-    """Whether to autocast to bf16: an explicit setting wins; None (auto) means a CUDA GPU with native bf16.
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bf16 in hardware: a CUDA GPU that does, a CPU with AVX512-BF16 or AMX units."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux: stay in fp32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
-    Auto leaves the CPU in fp32 because oneDNN's bf16 pays only on some CPUs: the task presets ask for it
-    where it was measured to pay. A GPU that only emulates bf16 is refused for an explicit true, in one sentence,
-    instead of failing or crawling mid-run.
+
+def resolve_amp(setting: bool | None, device: torch.device) -> bool:
+    """Whether to autocast to bf16: an explicit setting wins; None (auto) means where the device has bf16 units.
+
+    Elsewhere bf16 is emulated and slower than fp32 (docs/speed.md). A GPU that only emulates bf16 is refused for
+    an explicit true, in one sentence, instead of failing or crawling mid-run.
     """
-    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    native = native_bf16(device)
     if setting is None:
         return native
     if setting and device.type == "cuda" and not native:
@@ -80,7 +91,6 @@ class Window:
     step: int
     losses: list[float]
     stats: dict[str, float]
-    samples: int
 
 
 def train_steps(model: nn.Module, task, optimizer: torch.optim.Optimizer, scheduler, loader: Iterable[dict], *,
@@ -102,7 +112,7 @@ def train_steps(model: nn.Module, task, optimizer: torch.optim.Optimizer, schedu
     distributed = dist.is_available() and dist.is_initialized()
     guard = guards_on_device(optimizer)
     found_inf = torch.zeros((), device=device) if guard else None  # sticky: 1 from the first bad step on
-    step, losses, stats_seen, samples = first_step, [], {}, 0  # the window since the last sync, on the device
+    step, losses, stats_seen = first_step, [], {}  # the window since the last sync, on the device
 
     def window() -> Window:
         values = torch.stack(losses).tolist()  # the one wait for the device in a window
@@ -110,7 +120,7 @@ def train_steps(model: nn.Module, task, optimizer: torch.optim.Optimizer, schedu
         if bad is not None:
             raise NonFiniteLoss(step - len(values) + 1 + bad, values[bad])
         means = {k: torch.stack(vs).float().mean().item() for k, vs in stats_seen.items()}
-        return Window(step, values, means, samples)
+        return Window(step, values, means)
 
     if guard:
         optimizer.found_inf = found_inf
@@ -137,12 +147,11 @@ def train_steps(model: nn.Module, task, optimizer: torch.optim.Optimizer, schedu
             losses.append(value)
             for k, v in stats.items():
                 stats_seen.setdefault(k, []).append(torch.as_tensor(v).detach())
-            samples += len(next(iter(batch.values())))
             if ema is not None:
                 ema_step(ema, model)
             if step % log_every == 0 or sync_every and step % sync_every == 0:
                 yield window()
-                losses, stats_seen, samples = [], {}, 0
+                losses, stats_seen = [], {}
         if losses:
             yield window()
     finally:

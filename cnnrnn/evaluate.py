@@ -1,7 +1,7 @@
 """Recompute a checkpoint's test metrics: python -m cnnrnn.evaluate CKPT [--grid N] [--max-items K].
 
-Everything comes from the checkpoint (config, class names, tuned threshold, training class counts); the table
-goes to stderr and one JSON object, with the keys of the run's metrics.json, to stdout. On the device the run
+Everything comes from the checkpoint (config, tuned threshold, training class counts); the table goes to stderr
+and one JSON object, with the keys of the run's metrics.json, to stdout. On the device the run
 used (by default) every number equals the run's. With --grid, the test composites are N x N grids of the same
 test items instead (a model trained on one grid tested on another, no resizing); --max-items K makes them hold
 1..K items and the decoder name at most K.
@@ -23,6 +23,7 @@ from cnnrnn.engine import resolve_amp, score
 from cnnrnn.errors import UserError, fail
 from cnnrnn.files import strict_json
 from cnnrnn.ranks import pick_device
+from cnnrnn.report import markdown
 from cnnrnn.training import score_oracle
 
 log = logging.getLogger("cnnrnn")
@@ -43,7 +44,7 @@ def on_grid(cfg, task, grid: int | None, max_items: int | None):
     """The config whose test composites are grid x grid with 1..max_items items; the decoder told max_items."""
     if grid is None and max_items is None:
         return cfg
-    if not task.any_grid:
+    if not task.composite:
         raise UserError(f"--grid and --max-items are for composites, but this checkpoint holds a single-label "
                         f"task={cfg.task} model that reads one 28x28 item; drop them.")
     d = cfg.data
@@ -53,7 +54,7 @@ def on_grid(cfg, task, grid: int | None, max_items: int | None):
     if not 1 <= max_items <= grid ** 2:
         raise UserError(f"--max-items {max_items} must be between 1 and the {grid ** 2} cells of a {grid}x{grid} "
                         f"grid.")
-    if hasattr(task, "max_items"):
+    if task.takes_max_items:
         task.max_items = max_items
     data = dataclasses.replace(d, grid=grid, eval_grid=grid, max_items=max_items,
                                min_items=min(d.min_items, max_items))
@@ -74,32 +75,27 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
     state = checkpoint.load(path)
     cfg, model, task = build.from_checkpoint(state, path)
     cfg = on_grid(cfg, task, grid, max_items)
-    if oracle and not task.uses_oracle:
+    if oracle and not task.composite:
         raise UserError(f"--oracle scores multi-label checkpoints against the tile oracle, but {path} holds a "
                         f"single-label task={cfg.task} model; drop --oracle.")
     dev = run_device(device, cfg)
-    if oracle:
-        build.reader_model(oracle, what="--oracle")  # a bad --oracle is found before the test set is scored
+    summary = dict(checkpoint.entry(state, "summary", dict, path, default={}))
+    oracle_path = oracle or summary.get("oracle/ckpt")
+    reader = None  # read before the test set is scored: a bad --oracle is one sentence first
+    if task.composite and oracle_path and (oracle or Path(oracle_path).is_file()):
+        reader = build.reader_model(oracle_path, dev, "--oracle" if oracle else "the run's reader")
     model = model.to(dev)
     splits = fashion_mnist.splits(data_root or cfg.data.root, cfg.data.val_size, cfg.data.limit, cfg.data.seed)
     src = task.sources(cfg, splits, state.get("scene"), device=dev)
     metrics, _, _ = score(model, task, src.test, dev, amp=resolve_amp(cfg.trainer.amp, dev))
-    summary = dict(checkpoint.entry(state, "summary", dict, path, default={}))
     other = grid is not None or max_items is not None
     if other:  # the run's oracle scored other composites
         summary = {k: v for k, v in summary.items() if not k.startswith("oracle/") or k == "oracle/ckpt"}
-    oracle_path = oracle or summary.get("oracle/ckpt")
-    if task.uses_oracle and oracle_path and (oracle or Path(oracle_path).is_file()):
-        summary.update(score_oracle(Path(oracle_path), cfg.data.test_grid, src.test, dev))
+    if reader is not None:
+        summary.update(score_oracle(reader, cfg.data.test_grid, src.test, dev), **{"oracle/ckpt": str(oracle_path)})
     if other:  # what these numbers are of
         summary.update({"test/grid": cfg.data.test_grid, "test/max_items": cfg.data.max_items})
     return {**{f"test/{k}": v for k, v in metrics.items()}, **summary}
-
-
-def table(results: dict) -> str:
-    rows = [(k, v) for k, v in results.items() if isinstance(v, (int, float))]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,7 +123,9 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(exc))
     except KeyboardInterrupt:
         fail("Interrupted before the metrics were complete; nothing was printed.", 130)
-    print(table(results), file=sys.stderr)
+    rows = [[k, f"{v:.4f}" if isinstance(v, float) else str(v)] for k, v in results.items()
+            if isinstance(v, (int, float))]
+    print(markdown(["metric", "value"], rows, "lr"), file=sys.stderr)
     print(strict_json(results))
 
 

@@ -10,7 +10,6 @@ checkpoint's config and the BCE threshold, so the .onnx file needs nothing besid
 from __future__ import annotations
 
 import argparse
-import copy
 import io
 import json
 import logging
@@ -83,11 +82,6 @@ def export(model: nn.Module, task, path: str | Path, image_side: int, meta: dict
     """Write the model's predictions (uint8 images (B, side, side) -> task.outputs) as an ONNX file with `meta` in
     metadata_props; atomically, so a failed write leaves the previous file whole."""
     onnx = need_onnx()
-    if getattr(model, "beam_size", 1) > 1:
-        log.warning("model.beam_size=%d: the exported graph decodes greedily (beam search has data-dependent "
-                    "control flow); its labels can differ from the checkpoint's beam search", model.beam_size)
-        model = copy.deepcopy(model)
-        model.beam_size = 1
     example = torch.zeros(2, image_side, image_side, dtype=torch.uint8)
     outputs = list(task.outputs)
     axes = {"images": {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
@@ -124,6 +118,10 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, opset: int = DEFAULT_OP
     check_writable(str(out), str(out), "model.onnx", make_folder=True)
     need_onnx()  # before any work
     cfg, model, task = build.from_checkpoint(checkpoint.load(ckpt), ckpt)
+    if cfg.model.get("beam_size", 1) > 1:
+        log.warning("model.beam_size=%d: the exported graph decodes greedily (beam search has data-dependent "
+                    "control flow); its labels can differ from the checkpoint's beam search", model.beam_size)
+        model.beam_size = 1
     path = export(model, task, out, task.side(cfg), metadata(cfg, task), opset)
     return path, self_check(path, task.side(cfg), model, task)
 

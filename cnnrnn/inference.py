@@ -38,10 +38,10 @@ def load(path: str, device: str = "cpu", max_items: int | None = None) -> Predic
         if max_items is not None:
             raise UserError(f"--max-items needs a checkpoint; {path} decodes its exported number of steps.")
         onnx_model = OnnxModel(path)
-        return Predictor(onnx_model.predict, onnx_model.side, onnx_model.classes, False, onnx_model.task_multiset)
+        return Predictor(onnx_model.predict, onnx_model.side, onnx_model.classes, False, onnx_model.task.multiset)
     cfg, model, task = build.from_checkpoint(checkpoint.load(path), path, pick_device(device, "--device "))
     if max_items is not None:
-        if not hasattr(task, "max_items"):
+        if not task.takes_max_items:
             raise UserError(f"--max-items caps the label decoder, but {path} holds a task={cfg.task} model; drop it.")
         if max_items < 1:
             raise UserError(f"--max-items {max_items} must be at least 1.")
@@ -51,7 +51,7 @@ def load(path: str, device: str = "cpu", max_items: int | None = None) -> Predic
         out = task.predict(model, {"image": images.to(next(model.parameters()).device)})
         return task.labels(out), out["scores"].float().cpu()
 
-    return Predictor(infer, task.side(cfg), list(CLASSES), task.any_grid, getattr(task, "multiset", False))
+    return Predictor(infer, task.side(cfg), list(task.classes), task.composite, task.multiset)
 
 
 def onnx_session(path: str | Path, threads: int | None = None):
@@ -97,7 +97,6 @@ class OnnxModel:
             raise UserError(f"{path} carries cnnrnn metadata that this version cannot use ({exc}); export its "
                             f"checkpoint again with python -m cnnrnn.export CKPT OUT.onnx.") from None
         self.task = make_task(cfg, state=state)
-        self.task_multiset = getattr(self.task, "multiset", False)
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def run(self, images: torch.Tensor) -> dict[str, np.ndarray]:

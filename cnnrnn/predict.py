@@ -19,15 +19,14 @@ import json
 import math
 import os
 import sys
-import warnings
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 from cnnrnn import inference
+from cnnrnn.data import pictures
 from cnnrnn.data.composite import MAX_GRID
 from cnnrnn.data.fashion_mnist import SIDE
 from cnnrnn.errors import UserError, fail
@@ -39,10 +38,9 @@ def say(kind: str, message: str) -> None:
     written directly rather than through logging, whose handlers a caller may have pointed elsewhere."""
     print(f"{kind}: {message}", file=sys.stderr, flush=True)
 
-EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm"}
+EXTENSIONS = pictures.EXTENSIONS
 BATCH = 256         # images read at a time
 BATCH_CELLS = 2048  # 28x28 cells per forward pass: a bound on memory whatever the pictures' size
-SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def image_paths(inputs: list[str]) -> tuple[list[Path], list[str]]:
@@ -73,67 +71,22 @@ def image_paths(inputs: list[str]) -> tuple[list[Path], list[str]]:
     return paths, problems
 
 
-def eight_bit(img: Image.Image, path: Path) -> Image.Image:
-    """The image as 8-bit gray ("L"), its pixels scaled by their real range (PIL's own convert clips 16-bit
-    pixels to white and float ones in [0, 1] to black); transparent pixels black, the items' background."""
-    if getattr(img, "n_frames", 1) > 1:
-        say("warning", f"{path} has {img.n_frames} frames; only the first is read.")
-    if img.mode in ("RGBA", "LA", "PA") or img.mode == "P" and "transparency" in img.info:
-        say("warning", f"{path} has transparent pixels; they are read as black, the background of the items.")
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
-    if img.mode not in SIXTEEN_BIT + ("I", "F"):
-        return img.convert("L")
-    a = np.asarray(img, dtype=np.float64)
-    if not np.isfinite(a).all():
-        raise UserError(f"{path} holds NaN or infinite pixels; give an image of finite values.")
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-    if img.mode in SIXTEEN_BIT:
-        a = a * (255 / 65535)
-    elif img.mode == "F" and lo >= 0 and hi <= 1:
-        a = a * 255
-    elif lo >= 0 and hi <= 255:
-        pass  # 8-bit levels in a wider type
-    elif img.mode == "I" and lo >= 0 and hi <= 65535:
-        a = a * (255 / 65535)
-    else:
-        say("warning", f"{path} has {'float' if img.mode == 'F' else 'integer'} pixels from {lo:g} to {hi:g}, "
-                       f"outside 0-1, 0-255 and 0-65535; stretched from its minimum (black) to its maximum (white).")
-        a = (a - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(a)
-    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
-
-
 def read_image(path: Path, side: int, resize: bool, any_grid: bool = False) -> torch.Tensor:
     """(H, W) uint8, gray, light on black: side x side, or with `any_grid` any multiple of 28 a side."""
-    try:
-        with warnings.catch_warnings():
-            # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse those too, before decoding them
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                img = eight_bit(img, path)
-    except UserError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UserError(f"{path} has more than {Image.MAX_IMAGE_PIXELS:,} pixels, too many to read safely "
-                        f"(Pillow's decompression-bomb guard); give a smaller image.") from None
-    except PermissionError:
-        raise UserError(f"{path} cannot be read (permission denied); give an image file you can read.") from None
-    except Exception as exc:  # Pillow's decoders raise many types (OSError, SyntaxError, ValueError, EOFError...)
-        raise UserError(f"{path} is not a readable image ({type(exc).__name__}); give a PNG or JPEG file.") from None
-    w, h = img.size
+    img = pictures.read_gray(path, lambda message: say("warning", message))
+    h, w = img.shape
     if not ((w, h) == (side, side) or any_grid and w % SIDE == 0 and h % SIDE == 0 and w and h):
         if not resize:
             reads = (f"pictures whose sides are multiples of {SIDE} pixels (one item per {SIDE}x{SIDE} cell)"
                      if any_grid else f"{side}x{side}")
             raise UserError(f"{path} is {w}x{h} pixels, but this model reads {reads}; pass --resize to scale it "
                             f"to {side}x{side}.")
-        img = img.resize((side, side), Image.BILINEAR)
+        img = TF.resize(img[None], [side, side])[0]
     elif (w // SIDE) * (h // SIDE) > MAX_GRID ** 2:  # one bound where pictures enter: memory, not pixels
         raise UserError(f"{path} is {w}x{h} pixels, {(w // SIDE) * (h // SIDE):,} cells of {SIDE}x{SIDE}, more than "
                         f"the {MAX_GRID ** 2} ({MAX_GRID}x{MAX_GRID}) a model reads; crop it, or pass --resize to "
                         f"scale it to {side}x{side}.")
-    return torch.from_numpy(np.array(img, dtype=np.uint8))
+    return img
 
 
 def record(path: Path, labels: list[int], scores: torch.Tensor, classes: list[str], counts: bool = False) -> str:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from cnnrnn import config
 from cnnrnn.errors import UserError
+from cnnrnn.stages import LOG_DATEFMT, LOG_FORMAT
 
 log = logging.getLogger("cnnrnn")
 GROUPS = {"task": "presets in cnnrnn/config.py", "experiment": "configs/experiment", "arm": "configs/arm",
           "hydra/launcher": "Hydra's launchers"}
 HYDRA_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.launcher.", "hydra.verbose")
-FORMAT, DATEFMT = "[%(asctime)s][%(levelname)s] %(message)s", "%H:%M:%S"
 
 
 def compose(overrides: list[str], with_hydra: bool = False):
@@ -55,10 +55,6 @@ class Command:
     multirun: bool
     jobs: list[list[str]]                        # the overrides of each job (one job without -m)
     hydra: dict[str, str] = field(default_factory=dict)   # hydra.* settings given, as written
-
-    @property
-    def folder_key(self) -> str:
-        return "hydra.sweep.dir" if self.multirun else "hydra.run.dir"
 
 
 def parse(argv: list[str]) -> Command:
@@ -136,7 +132,7 @@ def log_to(folder: Path | None, level: int = logging.INFO) -> None:
     handlers = [logging.StreamHandler(sys.stderr)]
     if folder is not None:
         handlers.append(logging.FileHandler(folder / "train.log"))
-    logging.basicConfig(level=level, format=FORMAT, datefmt=DATEFMT, handlers=handlers, force=True)
+    logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATEFMT, handlers=handlers, force=True)
 
 
 def sweep(argv: list[str], job) -> None:

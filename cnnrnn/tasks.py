@@ -1,18 +1,20 @@
 """What each kind of model is trained and judged on: its data, loss, predictions, label names, metrics, figures
-and exported outputs. The only place single-label, BCE and the label decoder differ.
+and exported outputs. Single-label, BCE and the label decoder differ here and in their models, nowhere else.
 
 A task turns a batch into a loss (`loss`), images alone into predictions (`predict`, also what an ONNX export
 traces), predictions into label indices (`labels`, also for the outputs of an .onnx file), and the predictions
-of a whole split into metrics (`metrics`).
+of a whole split into metrics (`metrics`). `Task` is the interface every caller relies on.
 """
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cnnrnn import metrics, viz
-from cnnrnn.config import CONFIG_DIR, Config
+from cnnrnn.config import CONFIG_DIR, MODEL_OF, Config
 from cnnrnn.data import sources
 from cnnrnn.data.composite import cell_crops
 from cnnrnn.data.fashion_mnist import CLASSES, SIDE
@@ -24,16 +26,45 @@ MULTI_SCALARS = ("f1_micro", "f1_macro", "f1_samples", "cf1", "exact_match", "ha
                  "map", "loss")
 
 
+class Task(Protocol):
+    """What every kind of model has; the loop, evaluate, predict and export ask it and never probe it."""
+    kind: str                   # single | bce | sequence | oracle
+    classes: tuple[str, ...]
+    select: str                 # the validation metric that chooses best.pt
+    scalars: tuple[str, ...]    # the metrics logged each epoch and at test
+    outputs: dict[str, str]     # the predictions an ONNX export names, with their shapes
+    composite: bool             # reads pictures of 28x28 cells (any grid) and is scored beside the tile oracle
+    tunes: bool                 # sets something on validation predictions after training (tune)
+    multiset: bool              # names one label per item, so a class may repeat (counts)
+    max_items: int | None       # the most labels it names (None: its own limit)
+    takes_max_items: bool       # max_items can be set (the decoder)
+
+    def side(self, cfg: Config) -> int: ...
+    def scene_spec(self, cfg: Config) -> dict | None: ...
+    def sources(self, cfg: Config, splits, scene_spec=None, device=None) -> sources.Sources: ...
+    def blank_batch(self, cfg: Config, n: int = 2) -> dict[str, torch.Tensor]: ...
+    def target(self, batch) -> torch.Tensor: ...
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def predict(self, model: nn.Module, batch) -> dict[str, torch.Tensor]: ...
+    def labels(self, out: dict[str, torch.Tensor]) -> list[list[int]]: ...
+    def metrics(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, float]: ...
+    def tune(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> dict: ...
+    def figures(self, out: dict[str, torch.Tensor], target: torch.Tensor, source, results: dict) -> dict: ...
+    def state(self) -> dict: ...
+
+
 def to_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 images (B, H, W) -> normalised float (B, 1, H, W)."""
     return ((images.float() / 255.0 - MEAN) / STD).unsqueeze(1)   # (B, H, W) -> (B, 1, H, W)
 
 
-def flip_average(model: nn.Module, x: torch.Tensor, tta: bool, to_scores) -> torch.Tensor:
-    """Scores of x, averaged with those of its mirror image when `tta` (test-time flips: a mirrored item keeps
-    its class, and the set of items in a mirrored composite is the same)."""
-    scores = to_scores(model(x))
-    return (scores + to_scores(model(x.flip(-1)))) / 2 if tta else scores
+def flip_average(scores: torch.Tensor, tta: bool, model: nn.Module, batch, x: torch.Tensor, to_scores) -> torch.Tensor:
+    """`scores` of the model's input x, averaged with those of its mirror image when `tta` (test-time flips: a
+    mirrored item keeps its class, and the set of items in a mirrored composite is the same). A frozen reader's
+    cell features carry their mirror images' beside them ('feats_flip')."""
+    if not tta:
+        return scores
+    return (scores + to_scores(model(batch["feats_flip"] if "feats" in batch else x.flip(-1)))) / 2
 
 
 def names(indices) -> list[str]:
@@ -44,11 +75,12 @@ class Classification:
     """One label per image: cross-entropy, argmax, accuracy."""
 
     kind, select, scalars = "single", "acc", ("acc", "loss")
-    uses_oracle = tunes = any_grid = False  # no tile oracle; nothing tuned after training; reads 28x28 items only
+    composite = tunes = multiset = takes_max_items = False
+    max_items = None
     outputs = {"logits": "(batch, classes) float: the model's logits for the image as given",
                "scores": "(batch, classes) float: softmax probabilities; the label is the argmax"}
 
-    def __init__(self, classes=CLASSES, label_smoothing: float = 0.0, tta: bool = False):
+    def __init__(self, classes, label_smoothing: float, tta: bool):
         self.classes, self.label_smoothing, self.tta = tuple(classes), label_smoothing, tta
 
     def side(self, cfg: Config) -> int:
@@ -75,9 +107,7 @@ class Classification:
     def predict(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
         x = to_input(batch["image"])
         logits = model(x).float()
-        probs = logits.softmax(dim=1)
-        if self.tta:
-            probs = (probs + model(x.flip(-1)).float().softmax(dim=1)) / 2
+        probs = flip_average(logits.softmax(dim=1), self.tta, model, batch, x, lambda z: z.float().softmax(dim=1))
         return {"logits": logits, "scores": probs}
 
     def labels(self, out: dict[str, torch.Tensor]) -> list[list[int]]:
@@ -86,7 +116,10 @@ class Classification:
     def metrics(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, float]:
         return metrics.single_label(target.numpy(), out["scores"].argmax(dim=1).numpy(), self.classes)
 
-    def figures(self, out: dict[str, torch.Tensor], target: torch.Tensor, source) -> dict:
+    def tune(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> dict:
+        return {}
+
+    def figures(self, out: dict[str, torch.Tensor], target: torch.Tensor, source, results: dict) -> dict:
         pred = out["scores"].argmax(dim=1)
         wrong = (pred != target).nonzero().flatten()[:24]
         images = source.batch(source.order(None)[wrong])["image"].cpu()
@@ -102,8 +135,7 @@ class Classification:
 class Composites:
     """What the two multi-label tasks share: composite data, the multi-label metrics and figures."""
 
-    select, uses_oracle, tunes = "f1_samples", True, False
-    any_grid = True  # reads any picture of 28x28 cells
+    select, composite, tunes, multiset, takes_max_items, max_items = "f1_samples", True, False, False, False, None
 
     def side(self, cfg: Config) -> int:
         return SIDE * cfg.data.test_grid
@@ -133,13 +165,16 @@ class Composites:
         """The model's input: the pictures, or a frozen reader's cell features computed before (CellFeatures)."""
         return batch["feats"] if "feats" in batch else to_input(batch["image"])
 
-    def figures(self, out: dict[str, torch.Tensor], target: torch.Tensor, source) -> dict:
+    def tune(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> dict:
+        return {}
+
+    def figures(self, out: dict[str, torch.Tensor], target: torch.Tensor, source, results: dict) -> dict:
         first = torch.arange(min(24, len(target)))
         images = source.batch(source.order(None)[first])["image"].cpu()
         pred = self.labels({k: v[first] for k, v in out.items()})
         # a class as often as the target counts it (once for a set; a multiset target repeats it)
         true = [names(c for c in row.nonzero().flatten().tolist() for _ in range(int(row[c]))) for row in target[first]]
-        per_class = {k[3:]: v for k, v in self.metrics(out, target).items() if k.startswith("f1/")}
+        per_class = {k[3:]: v for k, v in results.items() if k.startswith("f1/")}
         figs = {"test/composites": viz.labelled_grid(images, true, [names(p) for p in pred]),
                 "test/f1_per_class": viz.per_class_bars(per_class, "test F1")}
         if "alpha" in out:
@@ -156,7 +191,7 @@ class MultiLabelBCE(Composites):
     outputs = {"scores": "(batch, classes) float: sigmoid probabilities; labels are the classes with score >= "
                          "threshold"}
 
-    def __init__(self, classes=CLASSES, threshold: float = 0.5, tta: bool = False, label_smoothing: float = 0.0):
+    def __init__(self, classes, threshold: float, tta: bool, label_smoothing: float):
         self.classes, self.threshold, self.tta = tuple(classes), threshold, tta
         self.label_smoothing = label_smoothing
 
@@ -167,10 +202,9 @@ class MultiLabelBCE(Composites):
 
     @torch.no_grad()
     def predict(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
-        if "feats" not in batch:
-            return {"scores": flip_average(model, to_input(batch["image"]), self.tta, lambda z: z.float().sigmoid())}
-        scores = model(batch["feats"]).float().sigmoid()  # a mirrored picture's cells: each cell mirrored
-        return {"scores": (scores + model(batch["feats_flip"]).float().sigmoid()) / 2 if self.tta else scores}
+        x = self.inputs(batch)
+        return {"scores": flip_average(model(x).float().sigmoid(), self.tta, model, batch, x,
+                                       lambda z: z.float().sigmoid())}
 
     def chosen(self, scores: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
         return scores >= (self.threshold if threshold is None else threshold)
@@ -205,15 +239,15 @@ class LabelSequence(Composites):
     labels as the picture has cells (any grid), or `max_items` when set.
     """
 
-    kind = "sequence"
+    kind, takes_max_items = "sequence", True
     scalars = (*MULTI_SCALARS, "grounding", "grounding_mass",
                "multiset_exact", "count_acc", "multiset_f1_micro", "multiset_f1_macro", "count_mae")
     outputs = {"tokens": "(batch, steps) int64: greedy decoding, class indices in emission order, then the END "
                          "index (the number of classes) to the end",
                "scores": "(batch, classes) float: each class's highest probability over the decoding steps"}
 
-    def __init__(self, classes=CLASSES, order: str = "frequency", class_counts=None, label_smoothing: float = 0.0,
-                 tta: bool = False, target: str = "set", max_items: int | None = None):
+    def __init__(self, classes, order: str, class_counts, label_smoothing: float, tta: bool, target: str,
+                 max_items: int | None = None):
         self.classes, self.order = tuple(classes), order
         self.label_smoothing, self.tta = label_smoothing, tta
         self.multiset, self.max_items = target == "multiset", max_items
@@ -355,7 +389,7 @@ class TileOracle(Composites):
 
     kind, scalars = "oracle", MULTI_SCALARS
 
-    def __init__(self, grid: int, classes=CLASSES):
+    def __init__(self, grid: int, classes):
         self.grid, self.classes = grid, tuple(classes)
 
     @torch.no_grad()
@@ -373,10 +407,10 @@ class TileOracle(Composites):
         return metrics.multi_label(target.numpy(), out["pred"].numpy(), self.classes, out["scores"].numpy())
 
 
-def make_task(cfg: Config, train_labels: torch.Tensor | None = None, state: dict | None = None):
+def make_task(cfg: Config, train_labels: torch.Tensor | None = None, state: dict | None = None) -> Task:
     """The task of a config's model; `state` restores what a checkpoint saved (a tuned threshold, the training
     class counts), `train_labels` gives the class counts of a new run's frequency order."""
-    state, tta, kind = state or {}, cfg.eval.tta, MODELS[cfg.model["name"]].kind
+    state, tta, kind = state or {}, cfg.eval.tta, MODELS[MODEL_OF[cfg.task]].kind
     if kind == "single":
         return Classification(CLASSES, cfg.optim.label_smoothing, tta)
     if kind == "bce":

@@ -1,7 +1,7 @@
-"""Train a model: python -m cnnrnn.train task=lstm|lstm2|cnn|multilabel|multilabel_bce|multilabel_large [key=value ...]
+"""Train a model: python -m cnnrnn.train task=lstm|lstm2|cnn|reader|multilabel|multilabel_bce [key=value ...]
 
 The command line is composed once and checked (one sentence for a bad key, value or folder, before any folder
-exists), then the core trains: training.run(cfg, folder). With -m, a Hydra sweep: every job is checked before
+exists), then the core trains: stages.run(cfg, folder). With -m, a Hydra sweep: every job is checked before
 the sweep's folder is made. resume=RUN_DIR continues a stopped run exactly as it was configured.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from cnnrnn import build, checkpoint, rundir, shell, training
+from cnnrnn import build, checkpoint, rundir, shell, stages, training
 from cnnrnn.config import Config, from_dict
 from cnnrnn.errors import UserError, fail
 from cnnrnn.files import write_atomic
@@ -73,19 +73,14 @@ def run_in(cfg: Config, folder: Path, saved: dict | None, claim: rundir.Claim | 
     if claim is not None:
         folder = claim.path
     shell.log_to(folder if rank == 0 else None, logging.INFO if rank == 0 else logging.ERROR)
-    cfg, stages = training.prepare(cfg, folder)
+    cfg, needed = stages.prepare(cfg, folder)
     if rank == 0 and saved is None:
         write_atomic(folder / ".hydra" / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_atomic(folder / ".hydra" / "overrides.yaml", yaml.safe_dump(overrides))
-    threads = share_of_cores(cfg.trainer.threads)
-    if threads:
-        import torch
-        torch.set_num_threads(threads)
-        log.info("%d threads: this machine's %d cores shared by %d processes", threads, cores(),
-                 processes_sharing_cores())
+    use_share_of_cores(cfg.trainer.threads)
     code = 0
     try:
-        training.run(cfg, folder, saved, stages)
+        stages.run(cfg, folder, saved, needed)
     except UserError as exc:
         log.error("%s", exc)
         code = 2
@@ -107,6 +102,16 @@ def run_in(cfg: Config, folder: Path, saved: dict | None, claim: rundir.Claim | 
         raise SystemExit(code)
 
 
+def use_share_of_cores(threads: int | None, n_jobs: int | None = None) -> None:
+    """Set this process's share of the cores when it runs beside others (torchrun, a sweep's parallel jobs)."""
+    share = share_of_cores(threads, n_jobs)
+    if share:
+        import torch
+        torch.set_num_threads(share)
+        log.info("%d threads: this machine's %d cores shared by %d processes", share, cores(),
+                 processes_sharing_cores(n_jobs))
+
+
 def continue_run(cfg: Config, command: shell.Command, lock: bool):
     """(config, folder, last.pt, claim) of a resumed run, or a sentence: an override that differs from the run's
     own value is refused (for a finished run too, where it would change nothing)."""
@@ -123,7 +128,7 @@ def continue_run(cfg: Config, command: shell.Command, lock: bool):
         checkpoint.entry(saved, key, dict, last)
     if set(saved["state"]) != {f.name for f in dataclasses.fields(training.TrainState)}:
         raise UserError(f"{last} holds a loop state of another version; start that run again without resume.")
-    done = saved["state"]["finished"]
+    done = (folder / "metrics.json").is_file()
     mine = cfg.to_dict()
     for line in command.jobs[0]:
         key = line.lstrip("+~").split("=", 1)[0]
@@ -179,14 +184,9 @@ def job(cfg: Config, folder: Path, n_jobs: int | None) -> None:
         claim = rundir.lock_job(folder)
     except UserError as exc:
         fail(str(exc))
-    threads = share_of_cores(cfg.trainer.threads, n_jobs)
-    if threads:
-        import torch
-        torch.set_num_threads(threads)
-        log.info("%d threads: this machine's %d cores shared by %d processes", threads, cores(),
-                 processes_sharing_cores(n_jobs))
+    use_share_of_cores(cfg.trainer.threads, n_jobs)
     try:
-        training.run(cfg, folder)
+        stages.run(cfg, folder)
     except UserError as exc:
         log.error("%s", exc)
         raise SystemExit(2) from None

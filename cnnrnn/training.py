@@ -1,15 +1,11 @@
 """Train one model: set up, then per epoch train, validate and checkpoint, then test the best checkpoint once.
 
 No Hydra here: `fit(cfg, out_dir)` takes a typed Config and a folder, so a notebook trains a model in two lines
-(docs/python.md). `run` is what the command line calls: the run's own training, after any model it needs first
-(a composite run's per-item reader), which is a cached run of its own, announced before anything starts.
+(docs/python.md). What a run needs trained before it (a composite run's per-item reader) is stages.py's.
 """
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import hashlib
-import json
 import logging
 import math
 import platform
@@ -23,18 +19,20 @@ import torch.distributed as dist
 from torch import nn
 
 from cnnrnn import build, checkpoint, viz
-from cnnrnn.config import Config, preset
+from cnnrnn.config import Config
 from cnnrnn.data import fashion_mnist
 from cnnrnn.data.composite import CellFeatures
 from cnnrnn.data.loader import batches, num_batches
 from cnnrnn.data.scene import format_statistics
 from cnnrnn.data.sources import Sources
-from cnnrnn.engine import NonFiniteLoss, ema_update, keep_freed_memory, score, train_steps
+from cnnrnn.engine import NonFiniteLoss, autocast, ema_update, keep_freed_memory, score, train_steps
 from cnnrnn.errors import UserError
 from cnnrnn.files import strict_json, write_atomic
 from cnnrnn.models import count_params
+from cnnrnn.models.cnn import SmallCNN
 from cnnrnn.ranks import Process, Stopped, StopSignals, gather_rng, restore_rng, seed_everything, start_process
-from cnnrnn.tasks import MULTI_SCALARS, TileOracle, make_task
+from cnnrnn.report import duration
+from cnnrnn.tasks import MULTI_SCALARS, Task, TileOracle, make_task, to_input
 
 log = logging.getLogger("cnnrnn")
 ALL_TEST_SCALARS = ("acc", *MULTI_SCALARS)  # every run declares these to TensorBoard's HParams table
@@ -42,7 +40,8 @@ ALL_TEST_SCALARS = ("acc", *MULTI_SCALARS)  # every run declares these to Tensor
 
 @dataclass
 class TrainState:
-    """The loop's progress, saved in every checkpoint; the step within an epoch is global_step's remainder."""
+    """The loop's progress, saved in every checkpoint; the step within an epoch is global_step's remainder. A run
+    is finished once its metrics.json exists."""
     epoch: int = 0                   # epochs completed
     global_step: int = 0             # optimizer steps completed
     best: float = -math.inf          # best validation score so far (the task's `select` metric)
@@ -51,7 +50,6 @@ class TrainState:
     loop_s: float = 0.0              # seconds spent in training steps, for ms/step
     loop_steps: int = 0
     wall_s: float = 0.0              # wall time of this run's earlier sittings
-    finished: bool = False
 
 
 class NullWriter:
@@ -67,16 +65,17 @@ class Training:
     cfg: Config
     out_dir: Path
     proc: Process
-    task: object                         # tasks.py: the loss, predictions and metrics of this kind of model
+    task: Task                           # the loss, predictions and metrics of this kind of model
     sources: Sources
     model: nn.Module                     # the trained weights
-    train_model: nn.Module               # what the steps call: the model, maybe in DDP and compiled
+    train_model: nn.Module               # what the steps call: the model, maybe in DDP
     ema: torch.optim.swa_utils.AveragedModel | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     state: TrainState
     writer: object                       # SummaryWriter on rank 0, NullWriter elsewhere
     scene_spec: dict | None
+    reader: SmallCNN | None              # the reader the model started from (model.init_from): the tile oracle
     t_start: float
     resume_hint: str = ""                # how to continue after a stop: resume=RUN_DIR, or the same command again
 
@@ -94,12 +93,11 @@ class Training:
         return self.out_dir / "checkpoints"
 
 
-def fit(cfg: Config, out_dir: str | Path, saved: dict | None = None, oracle: Path | None = None,
-        distributed: bool = True, resume_hint: str = "") -> dict | None:
+def fit(cfg: Config, out_dir: str | Path, saved: dict | None = None, distributed: bool = True,
+        resume_hint: str = "") -> dict | None:
     """Train, select on validation, test once; write checkpoints, TensorBoard events, metrics.json, curves.png,
-    figures/. `saved`: a last.pt to continue from; `oracle`: a reader checkpoint to score as the tile oracle;
-    `resume_hint`: what a stopped run says to continue it (default resume=OUT_DIR). Returns the test metrics
-    (None on a rank other than 0)."""
+    figures/. `saved`: a last.pt to continue from; `resume_hint`: what a stopped run says to continue it (default
+    resume=OUT_DIR). Returns the test metrics (None on a rank other than 0)."""
     run = setup(cfg, Path(out_dir), saved, distributed)
     run.resume_hint = resume_hint or f"resume={out_dir}"
     started = (time.time(), run.state.epoch)
@@ -116,7 +114,7 @@ def fit(cfg: Config, out_dir: str | Path, saved: dict | None = None, oracle: Pat
         return None
     try:
         with StopSignals(at_once=True):
-            return test(run, oracle)
+            return test(run)
     except Stopped as exc:
         log.warning("Stopped by %s during the final test evaluation; the training is complete in %s; finish the "
                     "evaluation with %s", signal.Signals(exc.signum).name, run.ckpt_dir, run.resume_hint)
@@ -138,73 +136,85 @@ def setup(cfg: Config, out_dir: Path, saved: dict | None = None, distributed: bo
     if scene_spec is not None and proc.rank == 0:
         log.info("scene %s, label statistics of 100,000 training composites:\n%s", cfg.data.scene,
                  format_statistics(src.train.statistics(100_000)))
-    model = build.model(cfg)
-    if cfg.model.get("init_from") and saved is None:
-        build.init_encoder(model, cfg.model["init_from"])
-        log.info("reader from %s", cfg.model["init_from"])
-    # channels_last makes the oneDNN convolutions faster; it leaves the LSTM's 2-D weights as they are.
-    model = model.to(proc.device, memory_format=torch.channels_last)
-    if saved is not None:  # before a frozen reader's features are computed: they are the saved reader's
-        model.load_state_dict(saved.get("train_model", saved["model"]))
+    model, reader = start_model(cfg, proc, saved)
     if cfg.optim.reader_lr == 0 and cfg.model.get("init_from"):  # a trained reader; a random one always learns
         model.freeze_reader()
         if cacheable(cfg.data):  # every source but test, which the final model reads from its pixels
-            train, val = (cell_features(model.reader, s.split.images, proc) for s in (src.train_eval, src.val))
-            src.train = CellFeatures(src.train, *train, cfg.data.hflip if cfg.data.augment else 0.0)
-            src.train_eval, src.val = CellFeatures(src.train_eval, *train, fixed=True), CellFeatures(src.val, *val,
-                                                                                                     fixed=True)
-            log.info("reader frozen: its features of the %d training and %d validation items computed once",
-                     len(train[0]), len(val[0]))
+            src = with_cell_features(src, model.reader, proc, cfg.data.hflip if cfg.data.augment else 0.0)
     optimizer, scheduler = build.optimizer(cfg, model, num_batches(len(src.train), cfg.trainer.batch_size, True))
     # With trainer.ema the weights that are evaluated and saved as "model" are an exponential moving average
     # of the trained ones, which are kept as "train_model" for resuming.
     ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update(cfg.trainer.ema), use_buffers=True)
            if cfg.trainer.ema else None)
-    state = TrainState()
+    state = restore(saved, ema, optimizer, scheduler, proc) if saved is not None else TrainState()
     if saved is not None:
-        if ema is not None:
-            ema.module.load_state_dict(saved["model"])
-            ema.n_averaged.fill_(saved["ema_n"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        restore_rng(saved, proc.rank)
-        state = TrainState(**saved["state"])
         log.info("Resuming %s at epoch %d, step %d", out_dir, state.epoch + 1, state.global_step)
     elif proc.rank:
         # After the shared initialisation (same weights everywhere): every other rank its own dropout masks and
         # label-order draws, or N ranks would add the same noise N times.
         seed_everything(proc.seed)
-    train_model = model
-    if proc.world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None)
-    if cfg.trainer.compile:
-        train_model = torch.compile(train_model)
+    train_model = model if proc.world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None)
     writer = NullWriter()
     if proc.rank == 0:
         from torch.utils.tensorboard import SummaryWriter
         # purge_step hides the points a killed run logged after its last checkpoint (steps after global_step),
         # which this run logs again: no duplicates on resume.
         writer = SummaryWriter(str(out_dir), purge_step=state.global_step + 1 if saved is not None else None)
-    log.info("task=%s model=%s params=%d train=%d val=%d test=%d device=%s%s", cfg.task, cfg.model["name"],
-             count_params(model), len(src.train), len(src.val), len(src.test), proc.device,
-             f" ranks={proc.world}" if proc.world > 1 else "")
+    log.info("task=%s params=%d train=%d val=%d test=%d device=%s%s", cfg.task, count_params(model), len(src.train),
+             len(src.val), len(src.test), proc.device, f" ranks={proc.world}" if proc.world > 1 else "")
     return Training(cfg, out_dir, proc, task, src, model, train_model, ema, optimizer, scheduler, state, writer,
-                    scene_spec, t_start)
+                    scene_spec, reader, t_start)
+
+
+def start_model(cfg: Config, proc: Process, saved: dict | None) -> tuple[nn.Module, SmallCNN | None]:
+    """The run's model on its device, from `saved`, else started from the reader at model.init_from (read once:
+    it is also the tile oracle, returned beside the model, None without one)."""
+    model = build.model(cfg)
+    path, reader = cfg.model.get("init_from"), None
+    if path and (saved is None or Path(path).is_file()):
+        reader = build.reader_model(path, proc.device, "model.init_from")
+    elif path:
+        log.warning("no tile oracle: its reader %s is gone", path)
+    if reader is not None and saved is None:
+        build.init_encoder(model, reader, path)
+        log.info("reader from %s", path)
+    # channels_last makes the oneDNN convolutions faster; it leaves the LSTM's 2-D weights as they are.
+    model = model.to(proc.device, memory_format=torch.channels_last)
+    if saved is not None:  # before a frozen reader's features are computed: they are the saved reader's
+        model.load_state_dict(saved.get("train_model", saved["model"]))
+    return model, reader
+
+
+def restore(saved: dict, ema, optimizer, scheduler, proc: Process) -> TrainState:
+    """Put a saved run's EMA, optimizer, schedule and RNG states back; its loop state."""
+    if ema is not None:
+        ema.module.load_state_dict(saved["model"])
+        ema.n_averaged.fill_(saved["ema_n"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    restore_rng(saved, proc.rank)
+    return TrainState(**saved["state"])
 
 
 def cacheable(d) -> bool:
     """Whether a frozen reader's features of the training items can be computed once: flips at most (computed
-    both ways), no shifts, erasing, albumentations or degradation, which change an item every time."""
-    return not d.degrade and (not d.augment or not (d.shift or d.erase or d.rotate or d.scale or d.contrast))
+    both ways), no shifts or degradation, which change an item every time."""
+    return not d.degrade and (not d.augment or not d.shift)
+
+
+def with_cell_features(src: Sources, reader: nn.Module, proc: Process, hflip: float) -> Sources:
+    """The training and validation sources as a frozen reader's features of their items, computed once."""
+    train, val = (cell_features(reader, s.split.images, proc) for s in (src.train_eval, src.val))
+    log.info("reader frozen: its features of the %d training and %d validation items computed once",
+             len(train[0]), len(val[0]))
+    return Sources(CellFeatures(src.train, *train, hflip), CellFeatures(src.train_eval, *train, fixed=True),
+                   CellFeatures(src.val, *val, fixed=True), src.test)
 
 
 @torch.no_grad()
 def cell_features(reader: nn.Module, images: torch.Tensor, proc: Process) -> tuple[torch.Tensor, ...]:
     """The reader's features (N, D) of uint8 items (N, 28, 28), of their mirror images, and (D,) of a black cell."""
-    from cnnrnn.engine import autocast
-    from cnnrnn.tasks import to_input
-
     reader.eval()
     blank = torch.zeros(1, *images.shape[1:], dtype=images.dtype, device=images.device)
     out = []
@@ -232,7 +242,7 @@ def save(run: Training, path: Path, rngs: list[dict], **extra) -> None:
     checkpoint.save(path, {**weights, "optimizer": run.optimizer.state_dict(),
                            "scheduler": run.scheduler.state_dict(), "rng": rngs[0],
                            **({"rng_ranks": rngs} if run.proc.world > 1 else {}), "config": run.cfg.to_dict(),
-                           "classes": list(fashion_mnist.CLASSES), "params": count_params(run.model),
+                           "classes": list(run.task.classes), "params": count_params(run.model),
                            "scene": run.scene_spec, "task_state": run.task.state(),
                            "state": dataclasses.asdict(state), **extra})
 
@@ -325,25 +335,18 @@ def validate(run: Training, record: dict, started: tuple[float, int] | None = No
     left, epochs = "", run.cfg.trainer.epochs
     if started and record["epoch"] < epochs:
         per_epoch = (time.time() - started[0]) / (record["epoch"] - started[1])
-        left = f", {time_left(per_epoch * (epochs - record['epoch']))} left"
+        left = f", {duration(per_epoch * (epochs - record['epoch']))} left"
     log.info("epoch %d/%d  %s  %.1f ms/step%s", record["epoch"], epochs, "  ".join(
         f"{k}={v:.4f}" for k, v in record.items() if k.split("/")[0] in ("train", "val")
         and k.split("/")[1] in shown), record["perf/ms_per_step"], left)
     return record
 
 
-def time_left(seconds: float) -> str:
-    """About how long, for a person: '40 s', '12 min', '1.5 h'."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
-
-
 def end_epoch(run: Training, record: dict, stop: StopSignals) -> None:
     """Close an epoch on every rank: history, best.pt if validation improved (rank 0 knows), last.pt, and a stop
     signal that arrived meanwhile exits with 128 + its number."""
     st = run.state
-    st.history.append(record)
+    st.history.append({**record, "wall_s": st.wall_s + time.time() - run.t_start})
     st.epoch = record["epoch"]
     value = record.get(f"val/{run.task.select}", -math.inf)  # rank 0 only: the others never write best.pt
     rngs = gather_rng(run.proc.world)  # also keeps the ranks in step while rank 0 evaluates
@@ -358,8 +361,9 @@ def end_epoch(run: Training, record: dict, stop: StopSignals) -> None:
         raise SystemExit(128 + signum)
 
 
-def test(run: Training, oracle: Path | None = None) -> dict:
-    """Test the best checkpoint once; write metrics.json, curves.png, figures, hparams; mark the run finished."""
+def test(run: Training) -> dict:
+    """Test the best checkpoint once; write figures, hparams, curves.png, best.pt with what test learned (a tuned
+    threshold, the summary) and, last, metrics.json: the mark of a finished run."""
     cfg, task, st = run.cfg, run.task, run.state
     best = checkpoint.load(run.ckpt_dir / "best.pt")
     run.eval_model.load_state_dict(best["model"])
@@ -372,23 +376,20 @@ def test(run: Training, oracle: Path | None = None) -> dict:
     summary.update({"params": count_params(run.model), "train/ms_per_step": 1000 * st.loop_s / max(st.loop_steps, 1),
                     "wall_time_s": st.wall_s + time.time() - run.t_start, f"val/{task.select}_best": st.best,
                     "best_epoch": st.best_epoch, "epochs": st.epoch, "hardware": hardware(run.proc.device)})
-    if task.uses_oracle and oracle is not None:
-        summary.update(score_oracle(oracle, cfg.data.test_grid, run.sources.test, run.proc.device))
+    if task.composite and run.reader is not None:
+        summary.update(score_oracle(run.reader, cfg.data.test_grid, run.sources.test, run.proc.device))
+        summary["oracle/ckpt"] = cfg.model["init_from"]
     results.update(summary)
-    for tag, fig in task.figures(test_out, test_t, run.sources.test).items():
+    for tag, fig in task.figures(test_out, test_t, run.sources.test, metrics).items():
         run.writer.add_figure(tag, fig, st.global_step, close=False)
         viz.save(fig, run.out_dir / "figures" / f"{tag.replace('/', '_')}.png")
     run.writer.add_hparams(flat_hparams(cfg), {f"test/{k}": results.get(f"test/{k}", math.nan)
                                                for k in ALL_TEST_SCALARS}, run_name=".", global_step=st.global_step)
-    write_atomic(run.out_dir / "metrics.json", strict_json(results, indent=2) + "\n")
     title = (f"{cfg.task} ({summary['params']:,} parameters): best val {task.select} {st.best:.4f} at epoch "
              f"{st.best_epoch}, test {results[f'test/{task.select}']:.4f}")
     viz.save(viz.curves(st.history, task.select, title), run.out_dir / "curves.png")
-    st.finished = True
-    for name in ("best.pt", "last.pt"):
-        saved = best if name == "best.pt" else checkpoint.load(run.ckpt_dir / name)
-        checkpoint.save(run.ckpt_dir / name, {**saved, "task_state": task.state(), "summary": summary,
-                                              "state": {**saved["state"], "finished": name == "last.pt"}})
+    checkpoint.save(run.ckpt_dir / "best.pt", {**best, "task_state": task.state(), "summary": summary})
+    write_atomic(run.out_dir / "metrics.json", strict_json(results, indent=2) + "\n")
     log.info("test: %s", "  ".join(f"{k}={results[f'test/{k}']:.4f}" for k in task.scalars if f"test/{k}" in results))
     if results[f"test/{task.select}"] == 0:
         log.warning("test %s is 0 after %d steps: the model has not learned to name items yet; train longer "
@@ -397,16 +398,11 @@ def test(run: Training, oracle: Path | None = None) -> dict:
     return results
 
 
-def score_oracle(path: Path, grid: int, source, device: torch.device) -> dict:
-    """oracle/* metrics: the reader checkpoint at `path` on each occupied cell of the same composites."""
-    if not Path(path).is_file():
-        log.warning("no tile oracle: its reader %s is gone", path)
-        return {}
-    model = build.reader_model(path, device, "the tile oracle's reader")
-    metrics, _, _ = score(model, TileOracle(grid), source, device, with_loss=False)
-    log.info("tile oracle (%s): f1_samples=%.4f exact_match=%.4f", path, metrics["f1_samples"],
-             metrics["exact_match"])
-    return {**{f"oracle/{k}": v for k, v in metrics.items()}, "oracle/ckpt": str(path)}
+def score_oracle(reader: nn.Module, grid: int, source, device: torch.device) -> dict:
+    """oracle/* metrics: a reader on each occupied cell of the same composites."""
+    metrics, _, _ = score(reader, TileOracle(grid, fashion_mnist.CLASSES), source, device, with_loss=False)
+    log.info("tile oracle: f1_samples=%.4f exact_match=%.4f", metrics["f1_samples"], metrics["exact_match"])
+    return {f"oracle/{k}": v for k, v in metrics.items()}
 
 
 def flat_hparams(cfg: Config) -> dict:
@@ -428,116 +424,3 @@ def hardware(device: torch.device) -> str:
     except OSError:
         pass
     return f"{name}, {torch.get_num_threads()} threads"
-
-
-# --- what the command line runs: the stages a run needs first, then the run ------------------------------------
-
-@dataclass
-class Stage:
-    """A model a run needs before its own training (the per-item reader), kept in `folder` and reused."""
-    what: str
-    cfg: Config
-    folder: Path
-
-    @property
-    def done(self) -> bool:
-        last = self.folder / "checkpoints" / "last.pt"
-        return last.is_file() and checkpoint.load(last)["state"]["finished"]
-
-    def describe(self) -> str:
-        limit = self.cfg.data.limit
-        return (f"{self.what} (task={self.cfg.task}, {self.cfg.trainer.epochs} epochs"
-                f"{f' on the first {limit:,} training items' if limit else ''}) in {self.folder}: "
-                + ("trained already, reused" if self.done else "trained first, then kept for every run with the "
-                   "same recipe and items"))
-
-
-def reader_config(cfg: Config) -> Config:
-    """The per-item reader of a composite run: task=reader with the run's reader shape, on the run's items."""
-    m, d, t = cfg.model, cfg.data, cfg.trainer
-    model = {"channels": m["channels"], "convs": m["convs"], "hidden": m["cell_dim"], "pool_first": m["pool_first"]}
-    trainer = {"device": t.device, "progress": t.progress, "threads": t.threads,
-               **({"epochs": cfg.reader.epochs} if cfg.reader.epochs else {})}
-    data = {"root": d.root, "val_size": d.val_size, "seed": d.seed, "limit": d.limit,
-            "train_eval_size": d.train_eval_size, "degrade": d.degrade}
-    return preset("reader", seed=cfg.seed, model=model, trainer=trainer, data=data)
-
-
-def recipe_digest(cfg: Config) -> str:
-    """8 hex digits of everything that shapes a model, not where or how fast it trains. Of data.root, the folder
-    the files are found in: two clones that both read the system package share their readers."""
-    values = cfg.to_dict()
-    values["trainer"] = {k: v for k, v in values["trainer"].items() if k not in ("device", "threads", "progress")}
-    found, _ = fashion_mnist.locate(Path(cfg.data.root))
-    values["data"]["root"] = str((found["train-images-idx3-ubyte"].parent if found else Path(cfg.data.root)).resolve())
-    values.pop("resume")
-    return hashlib.md5(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def prepare(cfg: Config, out_dir: Path) -> tuple[Config, list[Stage]]:
-    """The config the run trains with and the stages it needs first: a composite run without model.init_from
-    starts from a reader trained on single items (reader.train), which also serves as its tile oracle."""
-    if "init_from" not in cfg.model or cfg.model["init_from"] or not cfg.reader.train:
-        return cfg, []
-    stage_cfg = reader_config(cfg)
-    folder = (Path(cfg.reader.cache) / f"reader-{recipe_digest(stage_cfg)}" if cfg.reader.cache
-              else out_dir / "reader")
-    cfg = dataclasses.replace(cfg, model={**cfg.model, "init_from": str(folder / "checkpoints" / "best.pt")})
-    return cfg, [Stage("the per-item reader", stage_cfg, folder)]
-
-
-def run(cfg: Config, out_dir: str | Path, saved: dict | None = None, stages: list[Stage] | None = None) -> dict | None:
-    """Train the stages this run needs (cached), then this run's model. Without `stages`, prepare() says which."""
-    t_start = time.time()
-    if stages is None:
-        cfg, stages = prepare(cfg, Path(out_dir))
-    for i, stage in enumerate(stages, 1):
-        log.info("stage %d/%d: %s", i, len(stages) + 1, stage.describe())
-        train_cached(stage.cfg, stage.folder)
-    if stages:
-        log.info("stage %d/%d: task=%s in %s", len(stages) + 1, len(stages) + 1, cfg.task, out_dir)
-    init = cfg.model.get("init_from")
-    results = fit(cfg, out_dir, saved, oracle=Path(init) if init else None)
-    if results is not None and stages:
-        log.info("done in %.0f s, the stages before included", time.time() - t_start)
-    return results
-
-
-def train_cached(cfg: Config, folder: Path) -> Path:
-    """Train `cfg` in `folder` once: continued if it was interrupted, reused once finished; its best.pt. A lock
-    makes a second process wait for the first; under torchrun rank 0 trains it alone and the others wait."""
-    from cnnrnn.ranks import process_rank
-
-    best, last = folder / "checkpoints" / "best.pt", folder / "checkpoints" / "last.pt"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = folder.parent / f".{folder.name}.lock"
-    while True:
-        with open(lock_path, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # another process training this very model: wait, then reuse it
-            saved = checkpoint.load(last) if last.is_file() else None
-            if saved is not None and saved["state"]["finished"]:
-                return best
-            if process_rank() == 0:
-                if saved is not None:
-                    log.info("continuing %s", folder)
-                with log_file(folder / "train.log"):
-                    fit(cfg, folder, saved, distributed=False, resume_hint="the same command again")
-                return best
-        time.sleep(5)  # a rank other than 0: wait for rank 0 to train it
-
-
-class log_file:
-    """A context in which the project's log also goes to `path` (a cached model's own train.log)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handler = logging.FileHandler(self.path)
-        self.handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s", "%H:%M:%S"))
-        log.addHandler(self.handler)
-
-    def __exit__(self, *exc):
-        log.removeHandler(self.handler)
-        self.handler.close()

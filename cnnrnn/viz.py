@@ -144,21 +144,3 @@ def compare_curves(series: dict[str, list[tuple[str, list, list]]], xlabel: str)
             ax.legend(fontsize=6.5, loc="lower right")
     fig.tight_layout()
     return fig
-
-
-def by_degrade(levels: list[float], lines: dict[str, list[float | None]], ylabel: str, dashed=()) -> Figure:
-    """One line per model of a metric against data.degrade (None: not measured at that level)."""
-    fig, ax = _subplots(figsize=(6, 4))
-    for label, values in lines.items():
-        points = [(x, y) for x, y in zip(levels, values) if y is not None]
-        if not points:
-            continue
-        ax.plot(*zip(*points), "--" if label in dashed else "-o", ms=4, label=label,
-                color="gray" if label in dashed else None)
-    ax.set_xticks(levels)
-    ax.set_xlabel("degrade strength (data.degrade)")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig

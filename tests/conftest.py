@@ -22,12 +22,13 @@ from cnnrnn.config import Config, preset
 from cnnrnn.data import fashion_mnist
 from cnnrnn.data.composite import CompositeSource
 from cnnrnn.data.fashion_mnist import CLASSES
+from cnnrnn.tasks import Classification, LabelSequence, MultiLabelBCE
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 REAL_DIRS = [ROOT / "data", ROOT / "data" / "FashionMNIST" / "raw", fashion_mnist.SYSTEM_DIR]
 N_TRAIN, N_TEST = 600, 200
-COMPOSITE_TASKS = ("multilabel", "multilabel_bce", "multilabel_large")
+COMPOSITE_TASKS = ("multilabel", "multilabel_bce")
 
 
 # --- the fake dataset -----------------------------------------------------------------------------------------
@@ -120,7 +121,6 @@ SMALL_MODELS = {
     "cnn": {"channels": [4, 8], "hidden": 16},
     "reader": {"channels": [4, 8], "hidden": 16},
     "multilabel": {"channels": [4, 8], "cell_dim": 16, "embed": 8, "hidden": 32, "attn_dim": 16},
-    "multilabel_large": {"channels": [4, 8], "cell_dim": 16, "embed": 8, "hidden": 32, "attn_dim": 16},
     "multilabel_bce": {"channels": [4, 8], "cell_dim": 16},
 }
 
@@ -185,21 +185,41 @@ def write_checkpoint(path: Path, task: str, root: Path, bias: dict[int, float] |
 def composites(root: Path, n: int = 12, grid: int = 2, **kwargs) -> dict[str, torch.Tensor]:
     """n fixed composites of the fake test items."""
     data = fashion_mnist.splits(root, val_size=100)
-    src = CompositeSource(data["test"], size=n, grid=grid, max_items=min(4, grid * grid), seed=4, fixed=True,
+    src = CompositeSource(data["test"], n, grid=grid, min_items=1, max_items=min(4, grid * grid), seed=4, fixed=True,
                           **kwargs)
     return src.batch(src.order(None))
+
+
+def make_composites(split, size: int, grid: int = 2, min_items: int = 1, max_items: int | None = None, seed: int = 0,
+                    **kwargs) -> CompositeSource:
+    """A CompositeSource with the main job's composite settings unless given."""
+    return CompositeSource(split, size, grid, min_items, min(4, grid * grid) if max_items is None else max_items, seed,
+                           **kwargs)
+
+
+def single_task(tta: bool = False) -> Classification:
+    return Classification(CLASSES, 0.0, tta)
+
+
+def bce_task(threshold: float = 0.5, tta: bool = False) -> MultiLabelBCE:
+    return MultiLabelBCE(CLASSES, threshold, tta, 0.0)
+
+
+def sequence_task(order: str = "frequency", class_counts=None, tta: bool = False, target: str = "set",
+                  max_items: int | None = None) -> LabelSequence:
+    return LabelSequence(CLASSES, order, class_counts, 0.0, tta, target, max_items)
 
 
 # --- runs trained once a session (read them, never change them) --------------------------------------------------
 
 def train_once(fake_dataset, tmp_path_factory, name: str, cfg_of, run=None) -> tuple[Path, object]:
     """(run dir, run(cfg, out)) of `cfg_of(fake root)` in a new folder, the fake files expected meanwhile only."""
-    from cnnrnn import training
+    from cnnrnn import stages
 
     with pytest.MonkeyPatch.context() as patch:
         _expect_fake_files(patch, fake_dataset[1], tmp_path_factory.mktemp("nowhere"))
         out = tmp_path_factory.mktemp(name) / "run"
-        return out, (run or training.run)(cfg_of(fake_dataset[0]), out)
+        return out, (run or stages.run)(cfg_of(fake_dataset[0]), out)
 
 
 @pytest.fixture(scope="session")

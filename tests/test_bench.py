@@ -10,7 +10,7 @@ from cnnrnn import bench
 
 def test_bench_writes_records_with_the_contract_keys(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    bench.main(["--models", "lstm,cnn_rnn", "--batch-sizes", "4", "--steps", "1", "--repeats", "1",
+    bench.main(["--models", "lstm,cnn_rnn", "--batch-sizes", "4", "--seconds", "0.01",
                 "--json", str(out)])
     records = json.loads(out.read_text())
     models = [r for r in records if r["model"] != "composites"]
@@ -31,8 +31,7 @@ def test_bench_refuses_unknown_models(capsys):
 
 
 @pytest.mark.parametrize("args, sentence", [
-    (["--steps", "0"], "--steps 0 must be at least 1."),
-    (["--repeats", "-2"], "--repeats -2 must be at least 1."),
+    (["--seconds", "0"], "--seconds 0 must be more than 0 and at most 600."),
     (["--threads", "0"], "--threads 0 must be at least 1."),
     (["--batch-sizes", "32,0"], "--batch-sizes 32,0: each must be between 1 and 65,536, e.g. 32,128."),
     (["--batch-sizes", "32,,64"], "--batch-sizes 32,,64 must be comma-separated integers, e.g. 32,128."),
@@ -58,14 +57,14 @@ def test_bench_reports_onnxruntime_beside_pytorch(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(bench, "matmul_peak", lambda *a, **k: 100.0)     # the model rows are what is tested
     monkeypatch.setattr(bench, "bench_composites", lambda: 1000.0)
     out = tmp_path / "bench.json"
-    bench.main(["--models", "cnn,cnn_rnn", "--batch-sizes", "4", "--steps", "1", "--repeats", "1", "--onnx",
+    bench.main(["--models", "cnn,cnn_rnn", "--batch-sizes", "4", "--seconds", "0.01", "--onnx",
                 "--json", str(out)])
     records = [r for r in json.loads(out.read_text()) if r["model"] != "composites"]
     assert [r["model"] for r in records] == ["cnn", "cnn_rnn"]
     assert all(r["onnx_infer_img_per_s"] > 0 and r["infer_images_per_s"] > 0 for r in records)
     assert "onnx img/s" in capsys.readouterr().out
     monkeypatch.setattr(bench, "onnx_missing", lambda: "onnxruntime not installed (pip install 'cnnrnn[export]')")
-    bench.main(["--models", "cnn", "--batch-sizes", "4", "--steps", "1", "--repeats", "1", "--onnx",
+    bench.main(["--models", "cnn", "--batch-sizes", "4", "--seconds", "0.01", "--onnx",
                 "--json", str(out)])
     assert "--onnx: skipped, onnxruntime not installed" in capsys.readouterr().err
     assert "onnx_infer_img_per_s" not in json.loads(out.read_text())[0]

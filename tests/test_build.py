@@ -116,7 +116,7 @@ def test_the_reader_loads_exactly_into_a_composite_model(tmp_path):
     for task in ("multilabel", "multilabel_bce"):
         net = build.model(preset(task, model=SMALL))
         before = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("reader.")}
-        build.init_encoder(net, tmp_path / "reader.pt")
+        build.init_encoder(net, build.reader_model(tmp_path / "reader.pt"), tmp_path / "reader.pt")
         assert all(torch.equal(a, b) for a, b in zip(net.reader.state_dict().values(), reader.state_dict().values()))
         assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())  # the rest as initialised
 
@@ -125,11 +125,12 @@ def test_a_reader_of_another_shape_or_a_multi_label_checkpoint_is_refused(tmp_pa
     save_model(tmp_path / "small.pt", preset("cnn", model={"channels": [4, 8], "hidden": 16}))  # one conv a stage
     with pytest.raises(UserError, match="is a reader of another shape than this model's; train it with the same "
                                         "model.channels, model.convs"):
-        build.init_encoder(build.model(preset("multilabel", model=SMALL)), tmp_path / "small.pt")
+        build.init_encoder(build.model(preset("multilabel", model=SMALL)), build.reader_model(tmp_path / "small.pt"),
+                           tmp_path / "small.pt")
     save_model(tmp_path / "multi.pt", preset("multilabel", model=SMALL))
     with pytest.raises(UserError, match="model.init_from=.*multi.pt holds a task=multilabel model, but a reader is a "
                                         "single-label cnn"):
-        build.init_encoder(build.model(preset("multilabel_bce", model=SMALL)), tmp_path / "multi.pt")
+        build.reader_model(tmp_path / "multi.pt")
 
 
 def test_model_settings_torch_rejects_and_missing_files_are_refused_before_any_work(tmp_path):

@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from cnnrnn import engine
-from cnnrnn.data.composite import CompositeSource
 from cnnrnn.data.fashion_mnist import Split
 from cnnrnn.data.loader import batches
 from cnnrnn.models import build_model
 from cnnrnn.models.cnn import read_cells
-from cnnrnn.tasks import LabelSequence, to_input
-from conftest import fake_items
+from cnnrnn.tasks import to_input
+from conftest import fake_items, make_composites, sequence_task
 
 END = 10
 LABELS = torch.tensor([[0, 1, 0, 1, 0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
@@ -86,7 +85,7 @@ def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy():
 
 def test_no_ground_truth_reaches_the_decoder_at_inference():
     model = tiny_decoder()
-    task = LabelSequence()
+    task = sequence_task()
     x = torch.randint(0, 255, (6, 56, 56), dtype=torch.uint8)
     alone = task.predict(model, {"image": x})
     labels = torch.zeros(6, 10)
@@ -99,7 +98,7 @@ def test_no_ground_truth_reaches_the_decoder_at_inference():
 
 def test_teacher_forcing_shapes_and_gradients_reach_the_reader():
     model = tiny_decoder().train()
-    tokens = LabelSequence().sequences(LABELS, CELLS)
+    tokens = sequence_task().sequences(LABELS, CELLS)
     logits = model(torch.randn(3, 1, 56, 56), tokens)
     assert logits.shape == (3, 5, 11)
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten(), ignore_index=-100).backward()
@@ -220,9 +219,9 @@ def test_the_decoder_learns_tiny_synthetic_composites():
     torch.manual_seed(0)
     images, labels = fake_items(400, 0)
     split = Split(torch.from_numpy(images), torch.from_numpy(labels).long())
-    train_src = CompositeSource(split, 32 * 100, grid=2, seed=1)
-    test_src = CompositeSource(split, 200, grid=2, seed=2, fixed=True)
-    task = LabelSequence(order="frequency", class_counts=torch.bincount(split.labels, minlength=10))
+    train_src = make_composites(split, 32 * 100, grid=2, seed=1)
+    test_src = make_composites(split, 200, grid=2, seed=2, fixed=True)
+    task = sequence_task(order="frequency", class_counts=torch.bincount(split.labels, minlength=10))
     model = build_model("cnn_rnn", channels=(4, 8), convs=1, cell_dim=16, embed=8, hidden=32, attn_dim=8,
                         dropout=0.0)
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)

@@ -5,7 +5,7 @@ import torch
 
 from cnnrnn.data import fashion_mnist as fm
 from cnnrnn.data.augment import Augment
-from cnnrnn.data.composite import (CellFeatures, CompositeSource, MixedGridSource, cell_crops, counts_of, multi_hot,
+from cnnrnn.data.composite import (CellFeatures, MixedGridSource, cell_crops, counts_of, multi_hot,
                                    render, sample_layout, with_black)
 from cnnrnn.data.fashion_mnist import Split
 from cnnrnn.data.loader import batches
@@ -13,6 +13,8 @@ from cnnrnn.models.cnn import SmallCNN, read_cells
 from cnnrnn.ranks import Process
 from cnnrnn.tasks import to_input
 from cnnrnn.training import cell_features
+
+from conftest import make_composites
 
 CPU = Process(torch.device("cpu"), 0, 1, False, 0)
 
@@ -38,7 +40,7 @@ def test_layout_respects_counts_and_distinct_cells():
 
 def test_canvas_cells_hold_the_placed_items_and_empty_cells_are_black():
     split = numbered_split(40)
-    src = CompositeSource(split, size=64, grid=2, min_items=1, max_items=4, seed=3, fixed=True)
+    src = make_composites(split, size=64, grid=2, min_items=1, max_items=4, seed=3, fixed=True)
     batch = src.batch(src.order(None))
     assert batch["image"].shape == (64, 56, 56) and batch["image"].dtype == torch.uint8
     layout = src.order(None)
@@ -73,14 +75,14 @@ def test_multi_hot_holds_each_class_once_and_counts_of_counts_the_cells():
 
 
 def test_train_composites_change_each_epoch_but_replay_exactly():
-    src = CompositeSource(numbered_split(100), size=50, seed=7)
+    src = make_composites(numbered_split(100), size=50, seed=7)
     assert not torch.equal(src.order(0), src.order(1))
-    assert torch.equal(src.order(1), CompositeSource(numbered_split(100), size=50, seed=7).order(1))
+    assert torch.equal(src.order(1), make_composites(numbered_split(100), size=50, seed=7).order(1))
 
 
 def test_real_test_composites_use_only_test_items(fake_root):
     data = fm.splits(fake_root, val_size=100)
-    src = CompositeSource(data["test"], size=200, seed=2, fixed=True)
+    src = make_composites(data["test"], size=200, seed=2, fixed=True)
     crops = cell_crops(src.batch(src.order(None))["image"], 2)
     occupied = crops[src.order(None) >= 0]
     test_items = {bytes(x.numpy()) for x in data["test"].images}
@@ -89,38 +91,38 @@ def test_real_test_composites_use_only_test_items(fake_root):
 
 def test_augmentation_changes_items_only_and_replays_by_key():
     split = random_split(50)
-    plain = CompositeSource(split, size=32, seed=1, fixed=True)
-    augmented = CompositeSource(split, size=32, seed=1, fixed=True, augment=Augment(hflip=1.0, shift=0))
+    plain = make_composites(split, size=32, seed=1, fixed=True)
+    augmented = make_composites(split, size=32, seed=1, fixed=True, augment=Augment(hflip=1.0, shift=0))
     layout = plain.order(None)
     a, b = plain.batch(layout), augmented.batch(layout, key=5)
     assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["cells"], b["cells"])
     assert torch.equal(cell_crops(b["image"], 2)[layout < 0].unique(), torch.tensor([0], dtype=torch.uint8))
     assert torch.equal(cell_crops(b["image"], 2), cell_crops(a["image"], 2).flip(-1))  # every item mirrored
-    shifted = CompositeSource(split, size=32, seed=1, fixed=True, augment=Augment(hflip=0.5, shift=2))
+    shifted = make_composites(split, size=32, seed=1, fixed=True, augment=Augment(hflip=0.5, shift=2))
     assert torch.equal(shifted.batch(layout, key=7)["image"], shifted.batch(layout, key=7)["image"])
     assert not torch.equal(shifted.batch(layout, key=7)["image"], shifted.batch(layout, key=8)["image"])
 
 
 def test_repeat_composites_count_the_cells_that_hold_each_class(fake_root):
     split = fm.splits(fake_root, val_size=100)["train"]
-    src = CompositeSource(split, size=400, grid=3, max_items=9, seed=1, fixed=True, repeats=0.6)
+    src = make_composites(split, size=400, grid=3, max_items=9, seed=1, fixed=True, repeats=0.6)
     batch = src.batch(src.order(None))
     cells, counts = batch["cells"], batch["counts"]
     for c in range(10):
         assert torch.equal(counts[:, c], (cells == c).sum(1).float())
     assert torch.equal(batch["labels"], (counts > 0).float())
     # with repeats a composite repeats classes far more often than independent items do
-    plain = CompositeSource(split, size=400, grid=3, max_items=9, seed=1, fixed=True)
+    plain = make_composites(split, size=400, grid=3, max_items=9, seed=1, fixed=True)
     repeated = lambda k: (k - 1).clamp(min=0).sum(1).mean()  # noqa: E731  items beyond each class's first
     assert repeated(counts) > 1.5 * repeated(plain.batch(plain.order(None))["counts"])
     # no repeats: the layouts are exactly sample_layout's draws (the default composites do not change)
-    src0 = CompositeSource(split, size=50, grid=2, seed=5, fixed=True)
+    src0 = make_composites(split, size=50, grid=2, seed=5, fixed=True)
     assert torch.equal(src0.order(None), sample_layout(50, len(split), 2, 1, 4, torch.Generator().manual_seed(5)))
 
 
 def test_mixed_grid_batches_are_each_one_size_and_replay_exactly(fake_root):
     split = fm.splits(fake_root, val_size=100)["train"]
-    subs = [CompositeSource(split, size=300, grid=g, max_items=g * g, seed=2) for g in (2, 3)]
+    subs = [make_composites(split, size=300, grid=g, max_items=g * g, seed=2) for g in (2, 3)]
     src = MixedGridSource(subs, batch_size=20, seed=2)
     epoch = [b["image"] for b in batches(src, 20, epoch=1, drop_last=True)]
     sizes = [img.shape[1:] for img in epoch]
@@ -143,7 +145,7 @@ def test_cell_features_are_the_readers_features_of_the_cells_of_each_composite()
     split = random_split(60)
     reader, (feats, mirrored, blank) = reader_and_features(split)
     assert feats.shape == mirrored.shape == (60, 16) and blank.shape == (16,)
-    src = CompositeSource(split, 10, seed=3, fixed=True)
+    src = make_composites(split, 10, seed=3, fixed=True)
     rows = src.order(None)
     pixels = src.batch(rows)
     cached = CellFeatures(src, feats, mirrored, blank, fixed=True).batch(rows)
@@ -160,7 +162,7 @@ def test_cell_features_are_the_readers_features_of_the_cells_of_each_composite()
 def test_training_cell_features_flip_items_as_often_as_asked_and_replay_by_key():
     split = random_split(60)
     _, (feats, mirrored, blank) = reader_and_features(split)
-    src = CompositeSource(split, 40, seed=3)
+    src = make_composites(split, 40, seed=3)
     rows = src.order(0)
     occupied = rows >= 0
     never = CellFeatures(src, feats, mirrored, blank, hflip=0.0).batch(rows, key=1)["feats"][occupied]
@@ -177,7 +179,7 @@ def test_training_cell_features_flip_items_as_often_as_asked_and_replay_by_key()
 def test_cell_features_follow_the_grid_of_each_mixed_batch():
     split = random_split(60)
     _, (feats, mirrored, blank) = reader_and_features(split)
-    subs = [CompositeSource(split, size=80, grid=g, max_items=g * g, seed=2) for g in (2, 3)]
+    subs = [make_composites(split, size=80, grid=g, max_items=g * g, seed=2) for g in (2, 3)]
     cached = CellFeatures(MixedGridSource(subs, batch_size=20, seed=2), feats, mirrored, blank)
     shapes = {b["feats"].shape for b in batches(cached, 20, epoch=0, drop_last=True)}
     assert shapes == {(20, 4, 16), (20, 9, 16)}

@@ -5,15 +5,14 @@ import dataclasses
 
 import pytest
 
-from cnnrnn import build
-from cnnrnn.config import (MAX_SEED, PRESETS, Config, check_key, from_dict, known_keys, preset, preset_dict)
+from cnnrnn.config import (MAX_SEED, MODEL_OF, PRESETS, Config, check_key, from_dict, known_keys, preset,
+                           preset_dict)
 from cnnrnn.data.composite import MAX_GRID
 from cnnrnn.errors import UserError
-from cnnrnn.models import count_params
 
 
 def test_every_preset_is_a_valid_config_of_its_task():
-    assert set(PRESETS) == {"lstm", "lstm2", "cnn", "reader", "multilabel", "multilabel_bce", "multilabel_large"}
+    assert set(PRESETS) == {"lstm", "lstm2", "cnn", "reader", "multilabel", "multilabel_bce"}
     for task in PRESETS:
         cfg = preset(task)
         assert cfg.task == task and from_dict(cfg.to_dict()) == cfg
@@ -22,9 +21,9 @@ def test_every_preset_is_a_valid_config_of_its_task():
 def test_a_preset_holds_only_its_differences_from_the_defaults():
     assert preset("multilabel") == Config()
     cnn = preset("cnn")
-    assert cnn.model["name"] == "cnn" and cnn.trainer.epochs == 40 and not cnn.eval.tta
+    assert MODEL_OF["cnn"] == "cnn" and cnn.trainer.epochs == 40 and not cnn.eval.tta
     assert dataclasses.replace(cnn.trainer, epochs=Config().trainer.epochs) == Config().trainer
-    assert preset_dict("lstm")["model"] == {"name": "lstm", "hidden": 186, "layers": 1, "dropout": 0.2}
+    assert preset_dict("lstm")["model"] == {"hidden": 186, "layers": 1, "dropout": 0.2}
 
 
 def test_changes_to_a_preset_keep_its_other_keys():
@@ -32,16 +31,6 @@ def test_changes_to_a_preset_keep_its_other_keys():
     assert cfg.trainer.epochs == 2 and cfg.trainer.batch_size == preset("cnn").trainer.batch_size
     assert cfg.data.val_size == 100 and cfg.seed == 3 and cfg.model == preset("cnn").model
     assert preset("reader", model={"hidden": 16}).model["convs"] == 2
-
-
-def test_the_large_preset_is_wider_and_trains_longer():
-    large, default = preset("multilabel_large"), preset("multilabel")
-    assert large.kind == "sequence" and large.model["name"] == "cnn_rnn"
-    assert count_params(build.model(large)) > 2 * count_params(build.model(default))
-
-    def epochs(cfg):  # the decoder's and its reader stage's
-        return cfg.trainer.epochs + (cfg.reader.epochs or preset("reader").trainer.epochs)
-    assert epochs(large) > epochs(default)
 
 
 def test_an_unknown_task_is_refused_with_the_closest_one():
@@ -60,7 +49,7 @@ def test_from_dict_fills_in_defaults_and_coerces_numbers():
 
 
 def test_a_partial_model_group_is_completed_with_its_models_defaults():
-    cfg = from_dict({"task": "multilabel", "model": {"name": "cnn_rnn", "hidden": 32}})
+    cfg = from_dict({"task": "multilabel", "model": {"hidden": 32}})
     assert cfg.model == {**preset_dict("multilabel")["model"], "hidden": 32}
 
 
@@ -102,7 +91,7 @@ def test_from_dict_refuses_what_is_not_a_config(values, words):
     ("cnn", {"optim": {"warmup_epochs": 41}}, "optim.warmup_epochs=41.0 must be between 0 and trainer.epochs"),
     ("cnn", {"optim": {"label_smoothing": 1}}, "optim.label_smoothing=1.0 must be in [0, 1)"),
     ("multilabel", {"optim": {"reader_lr": 2}}, "optim.reader_lr=2.0 must be a share of optim.lr in [0, 1]"),
-    ("cnn", {"data": {"val_size": 60000}}, "data.val_size=60000 must be between"),
+    ("cnn", {"data": {"val_size": 0}}, "data.val_size=0 must be at least 1"),
     ("cnn", {"data": {"shift": 9}}, "data.shift=9 must be between 0 and 8 pixels"),
     ("multilabel", {"data": {"min_items": 3, "max_items": 2}}, "data.min_items=3 is larger than data.max_items=2"),
     ("multilabel", {"data": {"max_items": 5}}, "more items than the 2x2 grid has cells"),
@@ -117,9 +106,9 @@ def test_from_dict_refuses_what_is_not_a_config(values, words):
     ("multilabel", {"reader": {"epochs": 0}}, "reader.epochs=0 must be at least 1 or null"),
     ("multilabel", {"model": {"beam_size": 0}}, "model.beam_size=0 must be at least 1"),
     ("multilabel", {"model": {"label_order": "alphabetical"}}, "model.label_order='alphabetical' must be one of"),
-    ("multilabel", {"model": {"cell": 7}}, "Unknown config key 'model.cell' for model cnn_rnn"),
-    ("cnn", {"model": {"beam_size": 2}}, "Unknown config key 'model.beam_size' for model cnn"),
-    ("cnn", {"model": {"name": "cnn_rnn"}}, "model.name='cnn_rnn' cannot be trained by task=cnn (it trains cnn)"),
+    ("multilabel", {"model": {"cell": 7}}, "Unknown config key 'model.cell'; this task's model takes channels,"),
+    ("cnn", {"model": {"beam_size": 2}}, "Unknown config key 'model.beam_size'; this task's model takes channels,"),
+    ("cnn", {"model": {"name": "cnn_rnn"}}, "model.name is no setting: each task trains its own model"),
 ])
 def test_invalid_values_are_refused_in_one_sentence_naming_the_key(task, groups, words):
     with pytest.raises(UserError) as refused:
@@ -138,8 +127,9 @@ def test_removed_keys_are_unknown():
 
 def test_known_keys_are_the_tasks_own_model_keys_and_every_group():
     cnn, decoder = known_keys("cnn"), known_keys("multilabel")
-    assert {"trainer.epochs", "data.grid", "reader.cache", "optim.reader_lr", "eval.tta", "seed"} <= cnn
-    assert "model.convs" in cnn and "model.beam_size" not in cnn
+    assert {"trainer.epochs", "data.shift", "eval.tta", "seed"} <= cnn
+    assert not {"data.grid", "reader.cache", "optim.reader_lr", "model.beam_size"} & cnn
+    assert "model.convs" in cnn and {"data.grid", "reader.cache", "optim.reader_lr"} <= decoder
     assert {"model.beam_size", "model.label_order", "model.init_from", "model.target"} <= decoder
     check_key("model.beam_size", "multilabel")                  # known: no error
     with pytest.raises(UserError, match=r"Unknown config key 'model.hiden' \(did you mean 'model.hidden'\?\); "
@@ -147,6 +137,10 @@ def test_known_keys_are_the_tasks_own_model_keys_and_every_group():
         check_key("model.hiden", "cnn")
     with pytest.raises(UserError, match="Unknown config key 'model.beam_size'; `python -m cnnrnn.train task=cnn"):
         check_key("model.beam_size", "cnn")
+    with pytest.raises(UserError, match="data.grid is a setting of the composite tasks .* task=cnn reads single "
+                                        "items, so drop it."):
+        check_key("data.grid", "cnn")
+    assert "grid" not in preset("cnn").to_dict()["data"] and "reader" not in preset("lstm").to_dict()
 
 
 def test_grids_and_the_test_grid():

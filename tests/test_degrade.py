@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from cnnrnn.data.composite import CompositeSource, cell_crops
+from cnnrnn.data.composite import cell_crops
 from cnnrnn.data.degrade import degrade, uniform
 from cnnrnn.data.fashion_mnist import Split
 from cnnrnn.data.loader import ItemSource
+
+from conftest import make_composites
 
 
 def random_split(n: int = 100) -> Split:
@@ -16,9 +18,9 @@ def random_split(n: int = 100) -> Split:
 
 def test_degrade_is_off_at_zero_and_fixed_per_image_for_val_and_test():
     split = random_split()
-    clean = CompositeSource(split, 40, seed=2, fixed=True)
+    clean = make_composites(split, 40, seed=2, fixed=True)
     assert torch.equal(degrade(split.images, torch.arange(100), 0.0), split.images)
-    fixed = CompositeSource(split, 40, seed=2, fixed=True, degrade=0.5)
+    fixed = make_composites(split, 40, seed=2, fixed=True, degrade=0.5)
     layout = fixed.order(None)
     whole = fixed.batch(layout, key=1)["image"]
     parts = torch.cat([fixed.batch(layout[:13], key=7)["image"], fixed.batch(layout[13:], key=9)["image"]])
@@ -26,7 +28,7 @@ def test_degrade_is_off_at_zero_and_fixed_per_image_for_val_and_test():
     assert not torch.equal(whole, clean.batch(layout)["image"])
     empty = cell_crops(whole, 2)[layout < 0]
     assert empty.max() == 0                                           # empty cells stay black
-    train = CompositeSource(split, 40, seed=2, degrade=0.5)
+    train = make_composites(split, 40, seed=2, degrade=0.5)
     rows = train.order(0)
     assert not torch.equal(train.batch(rows, key=1)["image"], train.batch(rows, key=2)["image"])
     assert torch.equal(train.batch(rows, key=1)["image"], train.batch(rows, key=1)["image"])

@@ -1,6 +1,7 @@
 """The loop's pieces: train_steps windows, NaN guards, score(), the EMA step, autocast settings, freed memory."""
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
@@ -11,12 +12,10 @@ from torch import nn
 
 from cnnrnn import build, engine
 from cnnrnn.config import preset
-from cnnrnn.data.composite import CompositeSource
 from cnnrnn.data.fashion_mnist import Split
 from cnnrnn.engine import NonFiniteLoss, resolve_amp
 from cnnrnn.errors import UserError
-from cnnrnn.tasks import MultiLabelBCE
-from conftest import fake_items
+from conftest import bce_task, fake_items, make_composites
 
 CPU = torch.device("cpu")
 
@@ -74,7 +73,7 @@ def weights(model) -> list[torch.Tensor]:
 def test_windows_come_every_log_every_steps_at_due_checkpoints_and_after_the_last_batch():
     _, _, windows, error = fit(data(8), log_every=3, sync_every=4, first_step=10)
     assert error is None
-    assert [(w.step, len(w.losses), w.samples) for w in windows] == [(12, 2, 8), (15, 3, 12), (16, 1, 4), (18, 2, 8)]
+    assert [(w.step, len(w.losses)) for w in windows] == [(12, 2), (15, 3), (16, 1), (18, 2)]
     assert set(windows[0].stats) == {"acc"} and 0 <= windows[0].stats["acc"] <= 1  # the window's mean stats
     _, _, windows, _ = fit(data(8))                                                # log_every 1: every step
     assert [w.step for w in windows] == list(range(1, 9)) and all(len(w.losses) == 1 for w in windows)
@@ -169,13 +168,18 @@ def test_a_batch_already_on_the_device_is_used_as_it_is():
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_amp_setting_is_honoured_on_cuda_and_auto_needs_native_bf16(monkeypatch, native):
+def test_amp_setting_is_honoured_on_cuda_and_auto_needs_native_bf16(monkeypatch, tmp_path, native):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Old GPU")
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert resolve_amp(False, cuda) is False  # the bug: bf16 was forced on CUDA whatever the setting
     assert resolve_amp(None, cuda) is native
-    assert resolve_amp(None, cpu) is False and resolve_amp(True, cpu) is True and resolve_amp(False, cpu) is False
+    real_open = open
+    flags = "flags\t\t: fpu sse avx512f" + (" avx512_bf16" if native else "") + "\n"
+    monkeypatch.setattr("builtins.open", lambda name, *a, **k: (
+        io.StringIO(flags) if name == "/proc/cpuinfo" else real_open(name, *a, **k)))
+    assert resolve_amp(None, cpu) is native  # auto: bf16 where the CPU has bf16 units, fp32 where it emulates them
+    assert resolve_amp(True, cpu) is True and resolve_amp(False, cpu) is False
     if native:
         assert resolve_amp(True, cuda) is True
     else:
@@ -185,10 +189,10 @@ def test_amp_setting_is_honoured_on_cuda_and_auto_needs_native_bf16(monkeypatch,
 
 def test_score_gives_the_metrics_predictions_and_targets_of_a_whole_split_and_leaves_the_rng_alone():
     images, labels = fake_items(200, 0)
-    src = CompositeSource(Split(torch.from_numpy(images), torch.from_numpy(labels).long()), 30, seed=1, fixed=True)
+    src = make_composites(Split(torch.from_numpy(images), torch.from_numpy(labels).long()), 30, seed=1, fixed=True)
     torch.manual_seed(0)
     model = build.model(preset("multilabel_bce", model={"channels": [4, 8], "convs": 1, "cell_dim": 16}))
-    task = MultiLabelBCE()
+    task = bce_task()
     torch.manual_seed(5)
     expected_next = torch.rand(3)
     torch.manual_seed(5)

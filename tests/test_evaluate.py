@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnrnn import checkpoint, evaluate, training
+from cnnrnn import stages, checkpoint, evaluate
 from cnnrnn.config import preset
 from cnnrnn.errors import UserError
 from conftest import run_main, tiny, write_checkpoint
@@ -130,7 +130,7 @@ def test_evaluate_reproduces_a_run_of_the_default_sizes_under_bf16(fake_root, tm
     """The decoder's default sizes under bf16, where tiny models would hide a mismatch in rounding."""
     cfg = tiny(fake_root, "multilabel", model=preset("multilabel").model, trainer={"amp": True},
                reader={"cache": str(tmp_path / "readers")})
-    metrics = training.run(cfg, tmp_path / "run")
+    metrics = stages.run(cfg, tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved == pytest.approx(metrics)
     same_numbers(evaluate.evaluate_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt"), saved)

@@ -11,12 +11,11 @@ import torch
 
 from cnnrnn import build, checkpoint, export, files
 from cnnrnn.config import from_dict
-from cnnrnn.data.composite import CompositeSource
 from cnnrnn.data.fashion_mnist import CLASSES, splits
 from cnnrnn.errors import UserError
 from cnnrnn.inference import OnnxModel
 from cnnrnn.tasks import make_task, to_input
-from conftest import composites, run_main, write_checkpoint
+from conftest import composites, make_composites, run_main, write_checkpoint
 
 TRAINED: dict[str, dict] = {}  # the fake data are the same in every test: train the decoder once per session
 
@@ -32,7 +31,7 @@ def briefly_train(model, cfg, root, steps: int = 20) -> None:
     """A few steps on fake composites, so the decoder names sets of several sizes (session-cached)."""
     if "multilabel" not in TRAINED:
         data = splits(root, val_size=100)
-        src = CompositeSource(data["train"], 50 * steps, seed=1, fixed=True)
+        src = make_composites(data["train"], 50 * steps, seed=1, fixed=True)
         task = make_task(cfg, data["train"].labels)
         opt = torch.optim.Adam(model.parameters(), lr=3e-2)
         model.train()

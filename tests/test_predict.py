@@ -78,18 +78,17 @@ def test_8_bit_16_bit_and_float_images_of_one_composite_give_one_prediction(fake
     Image.fromarray(pixels).save(tmp_path / "a8.png")
     Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "a16.png")        # 16-bit PNG ("I;16")
     Image.fromarray(pixels.astype(np.float32) / 255).save(tmp_path / "af01.tif")      # float in [0, 1]
-    Image.fromarray(pixels.astype(np.float32)).save(tmp_path / "af255.tif")          # float 8-bit levels
     Image.fromarray(pixels.astype(np.int32) * 257).save(tmp_path / "ai32.tif")        # 32-bit int, 16-bit range
     assert Image.open(tmp_path / "a16.png").mode == "I;16" and Image.open(tmp_path / "af01.tif").mode == "F"
     code, records, err = run_predict(capsys, ckpt, tmp_path / "a8.png", tmp_path / "a16.png",
-                                     tmp_path / "af01.tif", tmp_path / "af255.tif", tmp_path / "ai32.tif")
+                                     tmp_path / "af01.tif", tmp_path / "ai32.tif")
     assert code == 0 and err == "", err
-    assert len(records) == 5
+    assert len(records) == 4
     for r in records[1:]:
         assert r["labels"] == records[0]["labels"] and r["scores"] == records[0]["scores"], r["image"]
 
 
-def test_a_float_image_outside_the_usual_ranges_is_stretched_with_a_warning(fake_root, tmp_path, capsys):
+def test_a_float_image_is_read_in_0_to_1_and_beyond_that_clipped(fake_root, tmp_path, capsys):
     ckpt = tmp_path / "m.pt"
     write_checkpoint(ckpt, "cnn", fake_root)
     pixels = np.zeros((28, 28), np.uint8)
@@ -97,9 +96,7 @@ def test_a_float_image_outside_the_usual_ranges_is_stretched_with_a_warning(fake
     Image.fromarray(pixels).save(tmp_path / "a.png")
     Image.fromarray(pixels.astype(np.float32) * 4 - 300).save(tmp_path / "odd.tif")  # -300 .. 720
     code, records, err = run_predict(capsys, ckpt, tmp_path / "a.png", tmp_path / "odd.tif")
-    assert code == 0 and records[0]["scores"] == records[1]["scores"]
-    assert err.strip() == (f"warning: {tmp_path / 'odd.tif'} has float pixels from -300 to 720, outside 0-1, 0-255 "
-                           f"and 0-65535; stretched from its minimum (black) to its maximum (white).")
+    assert code == 0 and records[0]["scores"] == records[1]["scores"] and err == ""
 
 
 def png_header(width: int, height: int) -> bytes:

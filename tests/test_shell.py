@@ -21,10 +21,10 @@ def refusal(argv: list[str]) -> str:
 def test_a_composed_command_line_is_the_tasks_preset_with_the_changes():
     assert shell.to_config(shell.compose([])) == preset("multilabel")
     assert shell.to_config(shell.compose(["task=cnn"])) == preset("cnn")
-    cfg = shell.to_config(shell.compose(["task=lstm", "trainer.epochs=3", "model.hidden=16", "data.grid=[2,3]",
-                                         "data.max_items=9", "reader.cache=null"]))
-    assert cfg == preset("lstm", trainer={"epochs": 3}, model={"hidden": 16}, data={"grid": [2, 3], "max_items": 9},
-                         reader={"cache": None})
+    cfg = shell.to_config(shell.compose(["task=lstm", "trainer.epochs=3", "model.hidden=16", "data.shift=1"]))
+    assert cfg == preset("lstm", trainer={"epochs": 3}, model={"hidden": 16}, data={"shift": 1})
+    cfg = shell.to_config(shell.compose(["data.grid=[2,3]", "data.max_items=9", "reader.cache=null"]))
+    assert cfg == preset("multilabel", data={"grid": [2, 3], "max_items": 9}, reader={"cache": None})
 
 
 @pytest.mark.parametrize("task", ["cnn", "lstm", "multilabel", "multilabel_bce"])
@@ -75,11 +75,11 @@ def test_several_values_make_a_sweep_only_with_m():
     assert message == ("task=cnn,lstm gives several values, which makes a sweep; add -m (python -m cnnrnn.train -m "
                        "task=cnn,lstm), or give one value.")
     command = shell.parse(["-m", "task=cnn,lstm", "seed=1,2", "trainer.epochs=1"])
-    assert command.multirun and command.folder_key == "hydra.sweep.dir"
+    assert command.multirun
     assert command.jobs == [["task=cnn", "seed=1", "trainer.epochs=1"], ["task=cnn", "seed=2", "trainer.epochs=1"],
                             ["task=lstm", "seed=1", "trainer.epochs=1"], ["task=lstm", "seed=2", "trainer.epochs=1"]]
     single = shell.parse(["task=cnn"])
-    assert not single.multirun and single.jobs == [["task=cnn"]] and single.folder_key == "hydra.run.dir"
+    assert not single.multirun and single.jobs == [["task=cnn"]]
 
 
 def test_only_the_folders_the_launcher_and_verbosity_of_hydra_can_be_set():

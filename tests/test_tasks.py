@@ -7,13 +7,13 @@ from torch import nn
 
 from cnnrnn import build, metrics
 from cnnrnn.config import preset
-from cnnrnn.data.composite import CompositeSource, cell_crops
-from cnnrnn.data.fashion_mnist import Split
+from cnnrnn.data.composite import cell_crops
+from cnnrnn.data.fashion_mnist import CLASSES, Split
 from cnnrnn.data.loader import ItemSource
 from cnnrnn.models import build_model
 from cnnrnn.models.cnn import read_cells
 from cnnrnn.tasks import Classification, LabelSequence, MultiLabelBCE, TileOracle, make_task, to_input
-from conftest import fake_items
+from conftest import bce_task, fake_items, make_composites, sequence_task, single_task
 
 END = 10
 LABELS = torch.tensor([[0, 1, 0, 1, 0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
@@ -35,7 +35,7 @@ def fake_split(n: int = 200) -> Split:
 @pytest.mark.parametrize("order", ["frequency", "rare_first", "spatial", "random"])
 def test_every_fixed_order_is_a_permutation_of_the_labels(order):
     counts = [50, 60, 10, 40, 5, 5, 5, 30, 5, 20]
-    seq = LabelSequence(order=order, class_counts=counts).sequences(LABELS, CELLS)
+    seq = sequence_task(order=order, class_counts=counts).sequences(LABELS, CELLS)
     assert seq.shape == (3, 5)
     for row, hot in zip(seq.tolist(), LABELS):
         n = int(hot.sum())
@@ -57,16 +57,16 @@ def test_orderless_targets_follow_the_models_ranking_and_cover_the_labels():
             return logits[:, None].expand(-1, steps, -1)
 
     model = Ranker()
-    task = LabelSequence(order="orderless")
+    task = sequence_task(order="orderless")
     task.loss(model, {"image": torch.zeros(3, 56, 56, dtype=torch.uint8), "labels": LABELS, "cells": CELLS})
     assert model.targets.tolist() == [[7, 3, 1, END, -100], [9, END, -100, -100, -100], [3, 2, 1, 0, END]]
 
 
 def test_multiset_targets_name_every_item():
     cells = torch.tensor([[7, 3, 7, -1], [-1, 9, 9, 9]])
-    task = LabelSequence(order="frequency", class_counts=[1] * 10, target="multiset")
+    task = sequence_task(order="frequency", class_counts=[1] * 10, target="multiset")
     assert task.sequences(None, cells).tolist() == [[3, 7, 7, END, -100], [9, 9, 9, END, -100]]
-    spatial = LabelSequence(order="spatial", target="multiset").sequences(None, cells)
+    spatial = sequence_task(order="spatial", target="multiset").sequences(None, cells)
     assert spatial.tolist() == [[7, 3, 7, END, -100], [9, 9, 9, END, -100]]
 
 
@@ -88,18 +88,18 @@ def test_classification_predicts_softmax_scores_labels_and_accuracy():
     torch.manual_seed(0)
     model = build_model("cnn", channels=(4, 8), hidden=16).eval()
     images = torch.from_numpy(fake_items(8, 0)[0])
-    out = Classification().predict(model, {"image": images})
+    out = single_task().predict(model, {"image": images})
     assert set(out) == {"logits", "scores"} and torch.allclose(out["scores"].sum(1), torch.ones(8))
-    assert Classification().labels(out) == [[int(i)] for i in out["scores"].argmax(1)]
-    flipped = Classification(tta=True).predict(model, {"image": images})["scores"]
+    assert single_task().labels(out) == [[int(i)] for i in out["scores"].argmax(1)]
+    flipped = single_task(tta=True).predict(model, {"image": images})["scores"]
     mirror = model(to_input(images).flip(-1)).softmax(1)
     assert torch.allclose(flipped, (out["scores"] + mirror) / 2, atol=1e-6)
     target = out["scores"].argmax(1)
-    assert Classification().metrics(out, target)["acc"] == 1.0
+    assert single_task().metrics(out, target)["acc"] == 1.0
 
 
 def test_bce_labels_are_the_scores_over_the_tuned_threshold():
-    task = MultiLabelBCE(threshold=0.5)
+    task = bce_task(threshold=0.5)
     scores = torch.tensor([[0.9, 0.45, 0.1] + [0.0] * 7, [0.3, 0.6, 0.44] + [0.0] * 7])
     assert task.labels({"scores": scores}) == [[0], [1]]
     target = torch.zeros(2, 10)
@@ -113,14 +113,14 @@ def test_bce_labels_are_the_scores_over_the_tuned_threshold():
 
 
 def test_decoder_labels_come_in_emission_order_and_counts_per_class():
-    task = LabelSequence()
+    task = sequence_task()
     out = {"tokens": torch.tensor([[7, 3, END, END], [9, 9, 1, END]])}
     assert task.labels(out) == [[7, 3], [9, 9, 1]]
     assert task.counts(out)[1].tolist() == [0, 1, 0, 0, 0, 0, 0, 0, 0, 2]
 
 
 def test_decoding_stops_after_one_label_per_cell_of_the_picture_or_max_items():
-    task = LabelSequence()
+    task = sequence_task()
     assert task.limit(torch.zeros(2, 1, 84, 56)) == 6 and task.limit(torch.zeros(2, 9, 16)) == 9
     task.max_items = 5
     assert task.limit(torch.zeros(2, 1, 84, 84)) == 5 and task.limit(torch.zeros(2, 1, 56, 56)) == 4
@@ -128,18 +128,18 @@ def test_decoding_stops_after_one_label_per_cell_of_the_picture_or_max_items():
     with torch.no_grad():
         net.out.bias[END] = -50.0                                    # END never likely
     images = torch.randint(1, 255, (6, 84, 84), dtype=torch.uint8)
-    out = LabelSequence().predict(net, {"image": images})
+    out = sequence_task().predict(net, {"image": images})
     assert out["tokens"].shape == (6, 10) and out["alpha"].shape == (6, 10, 9)
-    assert all(len(row) == 9 for row in LabelSequence().labels(out))  # one label per cell of the 3x3 picture
+    assert all(len(row) == 9 for row in sequence_task().labels(out))  # one label per cell of the 3x3 picture
     assert all(len(row) == 5 for row in task.labels(task.predict(net, {"image": images})))
 
 
 def test_multi_label_metrics_of_the_decoder_include_grounding_and_counts_for_a_multiset():
     net = decoder()
-    src = CompositeSource(fake_split(), 20, seed=1, fixed=True, repeats=0.5)
+    src = make_composites(fake_split(), 20, seed=1, fixed=True, repeats=0.5)
     batch = src.batch(src.order(None))
     for target in ("set", "multiset"):
-        task = LabelSequence(target=target)
+        task = sequence_task(target=target)
         out = task.predict(net, batch)
         assert torch.equal(out["cells"], batch["cells"])             # passed on beside, for grounding
         result = task.metrics(out, task.target(batch))
@@ -155,11 +155,11 @@ def test_the_tile_oracle_names_the_class_of_each_occupied_cell():
             return nn.functional.one_hot(level.round().long() % 10, 10).float() * 10
 
     images = torch.arange(40, dtype=torch.uint8)[:, None, None].expand(40, 28, 28).clone()
-    src = CompositeSource(Split(images, torch.arange(40) % 10), 30, seed=3, fixed=True)
+    src = make_composites(Split(images, torch.arange(40) % 10), 30, seed=3, fixed=True)
     batch = src.batch(src.order(None))
-    out = TileOracle(grid=2).predict(Brightness(), batch)
+    out = TileOracle(2, CLASSES).predict(Brightness(), batch)
     assert torch.equal(out["pred"], batch["labels"].bool())          # empty cells name nothing
-    result = TileOracle(grid=2).metrics(out, batch["labels"])
+    result = TileOracle(2, CLASSES).metrics(out, batch["labels"])
     assert result["exact_match"] == 1.0 and result["f1_samples"] == 1.0
 
 
@@ -173,15 +173,15 @@ def cell_features(reader, images: torch.Tensor) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("tta", [False, True])
 def test_predictions_from_cell_features_equal_those_from_the_pictures(tta):
-    src = CompositeSource(fake_split(), 12, seed=2, fixed=True)
+    src = make_composites(fake_split(), 12, seed=2, fixed=True)
     images = src.batch(src.order(None))["image"]
     net = decoder()
     feats = cell_features(net.reader, images)
-    seq = LabelSequence(tta=tta)
+    seq = sequence_task(tta=tta)
     assert torch.equal(seq.predict(net, {"image": images})["tokens"], seq.predict(net, feats)["tokens"])
     torch.manual_seed(0)
     bce_net = build_model("cnn_bce", **SMALL).eval()
-    bce = MultiLabelBCE(tta=tta)
+    bce = bce_task(tta=tta)
     assert torch.allclose(bce.predict(bce_net, {"image": images})["scores"],
                           bce.predict(bce_net, cell_features(bce_net.reader, images))["scores"], atol=1e-5)
 
@@ -195,22 +195,23 @@ def test_every_task_trains_on_its_blank_batch_and_exports_what_it_predicts(task_
     assert loss.ndim == 0 and torch.isfinite(loss)
     out = task.predict(model.eval(), {"image": task.blank_batch(cfg)["image"]})
     assert set(task.outputs) <= set(out)
-    assert task.side(cfg) == (28 if task.kind == "single" else 56) and task.any_grid == (task.kind != "single")
+    assert task.side(cfg) == (28 if task.kind == "single" else 56) and task.composite == (task.kind != "single")
 
 
 def test_figures_of_each_kind():
     split = fake_split()
-    items = CompositeSource(split, 12, seed=1, fixed=True)
+    items = make_composites(split, 12, seed=1, fixed=True)
     net = decoder()
-    seq = LabelSequence()
+    seq = sequence_task()
     batch = items.batch(items.order(None))
-    figs = seq.figures(seq.predict(net, batch), seq.target(batch), items)
+    out = seq.predict(net, batch)
+    figs = seq.figures(out, seq.target(batch), items, seq.metrics(out, seq.target(batch)))
     assert set(figs) == {"test/composites", "test/f1_per_class", "test/attention"}
     single = ItemSource(split)
     model = build_model("cnn", channels=(4, 8), hidden=16).eval()
-    task = Classification()
+    task = single_task()
     batch = single.batch(torch.arange(len(split)))
-    figs = task.figures(task.predict(model, batch), batch["label"], single)
+    figs = task.figures(task.predict(model, batch), batch["label"], single, {})
     assert set(figs) == {"test/confusion_matrix", "test/misclassified"}
     import matplotlib.pyplot as plt
     plt.close("all")

@@ -50,7 +50,7 @@ def test_a_run_from_the_command_line_keeps_its_config_overrides_and_log(cli_run)
     assert yaml.safe_load((out / ".hydra" / "overrides.yaml").read_text()) == args
     log = (out / "train.log").read_text()
     assert "stage 1/2: the per-item reader (task=reader, 1 epochs)" in log and "stage 2/2: task=multilabel" in log
-    assert "task=multilabel model=cnn_rnn" in log and f"wrote {out / 'metrics.json'}" in log
+    assert "task=multilabel params=" in log and f"wrote {out / 'metrics.json'}" in log
     assert (out / "metrics.json").is_file() and "oracle/f1_samples" in json.loads((out / "metrics.json").read_text())
     assert {"val/f1_samples", "test/f1_samples"} <= set(tags(out)["scalars"])
 

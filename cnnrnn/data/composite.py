@@ -48,7 +48,12 @@ def counts_of(cells: torch.Tensor, num_classes: int = len(CLASSES)) -> torch.Ten
     """(B, C) float number of cells holding each class among cells (B, G*G), -1 marking an empty cell."""
     counts = torch.zeros(len(cells), num_classes + 1, device=cells.device)
     counts.scatter_add_(1, torch.where(cells >= 0, cells, num_classes), torch.ones(cells.shape, device=cells.device))
-    return counts[:, :num_classes]
+    return counts[:, :num_classes]  # empty cells land in an extra column
+
+
+def multi_hot(cells: torch.Tensor, num_classes: int = len(CLASSES)) -> torch.Tensor:
+    """(B, C) float set of the distinct classes among cells (B, G*G), where -1 marks an empty cell."""
+    return (counts_of(cells, num_classes) > 0).float()
 
 
 def with_black(images: torch.Tensor) -> torch.Tensor:
@@ -66,13 +71,6 @@ def render(words: torch.Tensor, layout: torch.Tensor, grid: int) -> torch.Tensor
     tiles = tiles.view(b, grid, grid, SIDE, SIDE // 4)                 # (B, G, G, 28, 7)
     canvas = tiles.permute(0, 1, 3, 2, 4).reshape(b, grid * SIDE, grid * SIDE // 4)  # (B, G*28, G*7)
     return canvas.view(torch.uint8)                                    # (B, G*28, G*28)
-
-
-def multi_hot(cells: torch.Tensor, num_classes: int = len(CLASSES)) -> torch.Tensor:
-    """(B, C) float set of the distinct classes among cells (B, G*G), where -1 marks an empty cell."""
-    hot = torch.zeros(len(cells), num_classes + 1, device=cells.device)
-    hot.scatter_(1, torch.where(cells >= 0, cells, num_classes), 1.0)  # empty cells land in an extra column
-    return hot[:, :num_classes]
 
 
 def cell_crops(images: torch.Tensor, grid: int) -> torch.Tensor:
@@ -95,8 +93,8 @@ class CompositeSource:
     (the same composites for a seed on any device; exact resume), then only the batch's layout rows move there.
     """
 
-    def __init__(self, split: Split, size: int, grid: int = 2, min_items: int = 1, max_items: int = 4,
-                 seed: int = 0, fixed: bool = False, augment: Augment | None = None, scene: Scene | None = None,
+    def __init__(self, split: Split, size: int, grid: int, min_items: int, max_items: int, seed: int,
+                 fixed: bool = False, augment: Augment | None = None, scene: Scene | None = None,
                  degrade: float = 0.0, repeats: float = 0.0):
         self.split, self.size, self.grid = split, size, grid
         self.min_items, self.max_items, self.seed, self.augment = min_items, max_items, seed, augment
@@ -128,7 +126,8 @@ class CompositeSource:
 
     def statistics(self, n: int, seed: int = 12345) -> dict:
         """Label statistics (data.scene.label_statistics) of n layouts drawn as this source draws them."""
-        return label_statistics(self._draw(n, torch.Generator().manual_seed(seed)), self.labels)
+        layout = self._draw(n, torch.Generator().manual_seed(seed))
+        return label_statistics(multi_hot(torch.where(layout >= 0, self.labels[layout.clamp(min=0)], -1)))
 
     def item_seeds(self, rows: torch.Tensor, key: int) -> torch.Tensor:
         """An int64 seed per occupied cell of layouts `rows`: a hash of the whole layout and the cell, so a
@@ -165,7 +164,7 @@ class MixedGridSource:
     drawn from the epoch's seed, so any step can be replayed (exact resume), and every rank of a data-parallel
     run slices the same global batch, of one size."""
 
-    def __init__(self, sources: list[CompositeSource], batch_size: int, seed: int = 0):
+    def __init__(self, sources: list[CompositeSource], batch_size: int, seed: int):
         self.sources, self.batch_size, self.seed = sources, batch_size, seed
         self.size, self.split = sources[0].size, sources[0].split
         self.width = max(s.grid for s in sources) ** 2

@@ -17,6 +17,10 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 class Source(Protocol):
+    """What batches() reads: single items, composites or a frozen reader's cell features."""
+    seed: int
+
+    def __len__(self) -> int: ...
     def order(self, epoch: int | None) -> torch.Tensor: ...
     def batch(self, rows: torch.Tensor, key: int) -> dict[str, torch.Tensor]: ...
 

@@ -91,12 +91,10 @@ def item_of_class(labels: torch.Tensor, cls: torch.Tensor, u: torch.Tensor) -> t
     return by_class[start[cls] + (u * counts[cls]).long().clamp(max=counts[cls] - 1)]
 
 
-def label_statistics(layout: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Class frequencies, P(b present | a present) and the total correlation (bits): how much the labels tell
-    about each other."""
-    cells = torch.where(layout >= 0, labels[layout.clamp(min=0)], -1)
-    c = len(CLASSES)
-    hot = torch.zeros(len(layout), c + 1).scatter_(1, torch.where(cells >= 0, cells, c), 1.0)[:, :c]  # (n, C)
+def label_statistics(hot: torch.Tensor) -> dict:
+    """Of label sets (n, C) 0/1: class frequencies, P(b present | a present) and the total correlation (bits), how
+    much the labels tell about each other."""
+    c = hot.shape[1]
     p = hot.mean(0).double()
     joint = (hot.T @ hot).double() / len(hot)                                 # P(a and b)
     cond = joint / p.clamp(min=1e-12)[:, None]                                # row a: P(b | a)

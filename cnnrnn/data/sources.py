@@ -10,20 +10,20 @@ from cnnrnn.config import Data
 from cnnrnn.data.augment import Augment
 from cnnrnn.data.composite import CompositeSource, MixedGridSource
 from cnnrnn.data.fashion_mnist import Split
-from cnnrnn.data.loader import ItemSource
+from cnnrnn.data.loader import ItemSource, Source
 from cnnrnn.data.scene import Scene
 
 
 @dataclass
 class Sources:
-    train: object       # drawn afresh (order, composites, augmentation) every epoch
-    train_eval: object  # fixed training items/composites, scored each epoch for the train curves
-    val: object
-    test: object
+    train: Source       # drawn afresh (order, composites, augmentation) every epoch
+    train_eval: Source  # fixed training items/composites, scored each epoch for the train curves
+    val: Source
+    test: Source
 
 
 def augmentation(d: Data) -> Augment | None:
-    return Augment(d.hflip, d.shift, d.erase, d.rotate, d.scale, d.contrast) if d.augment else None
+    return Augment(d.hflip, d.shift) if d.augment else None
 
 
 def on_device(splits: dict[str, Split], device) -> dict[str, Split]:

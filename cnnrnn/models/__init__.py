@@ -33,34 +33,41 @@ class Spec:
 
     def check(self, keys: dict) -> None:
         """Refuse an unknown key, a value of the wrong type, a size below 1 or a dropout outside [0, 1)."""
-        name, params = keys["name"], inspect.signature(self.cls).parameters
+        params = inspect.signature(self.cls).parameters
         for key, value in keys.items():
             if key in self.choices and value not in self.choices[key]:
                 raise UserError(f"model.{key}={value!r} must be one of {', '.join(self.choices[key])}.")
             if key == "init_from" and not (value is None or isinstance(value, str) and value):
                 raise UserError(f"model.init_from={value!r} must be the path of a checkpoint, or null.")
-            if key == "name" or key in self.extras:
+            if key in self.extras:
                 continue
+            if key == "name":
+                raise UserError("model.name is no setting: each task trains its own model; choose the task instead "
+                                "(task=cnn, task=multilabel, ...).")
             if key not in params or key in INTERNAL:
-                raise UserError(f"Unknown config key 'model.{key}' for model {name}; it takes "
+                raise UserError(f"Unknown config key 'model.{key}'; this task's model takes "
                                 f"{', '.join(p for p in [*params, *self.extras] if p not in INTERNAL)}.")
-            default = params[key].default
-            expected = float if isinstance(default, float) else list if isinstance(default, tuple) else type(default)
-            ok = isinstance(value, (list, tuple)) if expected is list else (
-                isinstance(value, expected) or (expected is float and isinstance(value, int)))
-            if default is not None and (not ok or isinstance(value, bool) != isinstance(default, bool)):
-                raise UserError(f"model.{key}={value!r} must be of type {expected.__name__} like its default "
-                                f"{list(default) if isinstance(default, tuple) else default!r}.")
-            if key.endswith("dropout") and value is not None and not 0 <= value < 1:
-                raise UserError(f"model.{key}={value!r} must be a probability in [0, 1), e.g. 0.3.")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise UserError(f"model.{key}={value!r} must be a finite number.")
-            # sizes: a zero-sized layer is a traceback deep inside torch, or a model that cannot learn
-            sizes = value if isinstance(value, (list, tuple)) else (value,)
-            if isinstance(default, (int, tuple)) and not isinstance(value, bool) and (
-                    any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in sizes)):
-                raise UserError(f"model.{key}={list(sizes) if isinstance(value, (list, tuple)) else value} must be "
-                                f"at least 1{' in every entry' if isinstance(value, (list, tuple)) else ''}.")
+            check_value(key, value, params[key].default)
+
+
+def check_value(key: str, value, default) -> None:
+    """A model argument of its default's type; sizes at least 1, dropouts in [0, 1), numbers finite."""
+    expected = float if isinstance(default, float) else list if isinstance(default, tuple) else type(default)
+    ok = isinstance(value, (list, tuple)) if expected is list else (
+        isinstance(value, expected) or (expected is float and isinstance(value, int)))
+    if default is not None and (not ok or isinstance(value, bool) != isinstance(default, bool)):
+        raise UserError(f"model.{key}={value!r} must be of type {expected.__name__} like its default "
+                        f"{list(default) if isinstance(default, tuple) else default!r}.")
+    if key.endswith("dropout") and value is not None and not 0 <= value < 1:
+        raise UserError(f"model.{key}={value!r} must be a probability in [0, 1), e.g. 0.3.")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"model.{key}={value!r} must be a finite number.")
+    # sizes: a zero-sized layer is a traceback deep inside torch, or a model that cannot learn
+    sizes = value if isinstance(value, (list, tuple)) else (value,)
+    if isinstance(default, (int, tuple)) and not isinstance(value, bool) and (
+            any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in sizes)):
+        raise UserError(f"model.{key}={list(sizes) if isinstance(value, (list, tuple)) else value} must be "
+                        f"at least 1{' in every entry' if isinstance(value, (list, tuple)) else ''}.")
 
 
 MODELS: dict[str, Spec] = {
@@ -73,17 +80,15 @@ MODELS: dict[str, Spec] = {
 
 
 def model_keys(name: str) -> dict:
-    """The model group of a config for model `name`: its name and every key with its default."""
-    return {"name": name, **MODELS[name].defaults()}
+    """The model group of a config for model `name`: every key with its default."""
+    return MODELS[name].defaults()
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
     """The model `name` with arguments as in its constructor (lists become tuples); a config's model group can be
-    passed as it is (`build_model(**cfg.model, num_classes=10)`): the keys its task reads are left out."""
-    if name not in MODELS:
-        raise UserError(f"Unknown model '{name}'; choose one of {', '.join(MODELS)}.")
+    passed as it is (`build_model("cnn", **cfg.model, num_classes=10)`): the keys its task reads are left out."""
     spec = MODELS[name]
-    spec.check({"name": name, **{k: v for k, v in kwargs.items() if k not in INTERNAL}})
+    spec.check({k: v for k, v in kwargs.items() if k not in INTERNAL})
     takes = inspect.signature(spec.cls).parameters
     return spec.cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()
                        if k not in spec.extras and (k not in INTERNAL or k in takes)})

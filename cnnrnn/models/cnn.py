@@ -36,23 +36,21 @@ class FastDropout(nn.Module):
 class ConvEncoder(nn.Module):
     """Stages of (conv3x3 + batch norm + ReLU) x convs and a 2x2 max pool: (B, 1, H, W) -> (B, C, H/2^n, W/2^n).
 
-    With `pool_first`, each stage pools right after its last conv, before batch norm and ReLU: the ReLU and the
-    max commute, and batch norm then sees a quarter of the pixels (its statistics are the pooled map's), so a
-    training step on CPU, where these memory-bound layers dominate, is faster at the same validation accuracy.
+    Each stage pools right after its last conv, before batch norm and ReLU: the ReLU and the max commute, and
+    batch norm then sees a quarter of the pixels (its statistics are the pooled map's), so a training step on
+    CPU, where these memory-bound layers dominate, is faster at the same validation accuracy (docs/speed.md).
     """
 
-    def __init__(self, channels: tuple[int, ...] = (32, 64), convs: int = 1, pool_first: bool = False):
+    def __init__(self, channels: tuple[int, ...], convs: int):
         super().__init__()
         layers, c_in = [], 1
         for c_out in channels:
             for i in range(convs):
                 layers.append(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False))
-                if pool_first and i == convs - 1:
+                if i == convs - 1:
                     layers.append(nn.MaxPool2d(2))
                 layers += [nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
                 c_in = c_out
-            if not pool_first:
-                layers.append(nn.MaxPool2d(2))
         self.layers = nn.Sequential(*layers)
         self.out_channels = c_in
 
@@ -66,18 +64,17 @@ class SmallCNN(nn.Module):
     apply its `embed` to every 28x28 cell of a picture."""
 
     def __init__(self, num_classes: int = 10, channels: tuple[int, ...] = (32, 64), convs: int = 1, hidden: int = 128,
-                 dropout: float = 0.3, flat_dropout: float | None = None, side: int = 28, pool_first: bool = True):
+                 dropout: float = 0.3, side: int = 28):
         super().__init__()
-        self.encoder = ConvEncoder(channels, convs, pool_first=pool_first)
+        self.encoder = ConvEncoder(channels, convs)
         cells = (side // 2 ** len(channels)) ** 2
         self.dense = nn.Sequential(
             nn.Flatten(),                     # (B, C, h, w) -> (B, C*h*w)
-            FastDropout(dropout if flat_dropout is None else flat_dropout),
+            FastDropout(dropout),
             nn.Linear(self.encoder.out_channels * cells, hidden),
             nn.ReLU(inplace=True),
         )
         self.head = nn.Sequential(FastDropout(dropout), nn.Linear(hidden, num_classes))
-        self.features = hidden
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Items (N, 1, 28, 28) -> features (N, hidden)."""
@@ -123,9 +120,9 @@ class CNNBCE(ReadsCells):
     of per-class logits."""
 
     def __init__(self, num_classes: int = 10, channels: tuple[int, ...] = (32, 64), convs: int = 2,
-                 cell_dim: int = 256, dropout: float = 0.3, pool_first: bool = True):
+                 cell_dim: int = 256, dropout: float = 0.3):
         super().__init__()
-        self.reader = SmallCNN(num_classes, channels, convs, cell_dim, dropout, pool_first=pool_first)
+        self.reader = SmallCNN(num_classes, channels, convs, cell_dim, dropout)
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(cell_dim, num_classes)
 

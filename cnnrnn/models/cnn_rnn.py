@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnrnn.models.cnn import CELL, FastDropout, ReadsCells, SmallCNN, read_cells
+from cnnrnn.models.cnn import CELL, ReadsCells, SmallCNN, read_cells
 
 Teacher = Callable[[int, torch.Tensor], torch.Tensor]  # (step, logits (B, C+1)) -> next tokens (B,)
 # A cell whose pixels span less than this (normalised input: about 9 of 255 grey levels) is empty.
@@ -31,8 +31,7 @@ class CNNRNN(ReadsCells):
     def __init__(self, num_classes: int = 10, channels: tuple[int, ...] = (32, 64), convs: int = 2,
                  cell_dim: int = 256, embed: int = 64, hidden: int = 256, attention: bool = True, attn_dim: int = 128,
                  dropout: float = 0.3,
-                 beam_size: int = 1, max_labels: int = 4, pool_first: bool = True, feedback: bool = True,
-                 context_dropout: float = 0.0, target: str = "set"):
+                 beam_size: int = 1, max_labels: int = 4, feedback: bool = True, target: str = "set"):
         super().__init__()
         if target not in ("set", "multiset"):
             raise ValueError(f"target must be 'set' or 'multiset', got {target!r}")
@@ -45,7 +44,7 @@ class CNNRNN(ReadsCells):
         # emitted before, so the decoder still attends step by step but never sees its own outputs.
         self.feedback = feedback
         # the per-item reader (a single-label model of its own: its checkpoint loads here as it is)
-        self.reader = SmallCNN(num_classes, channels, convs, cell_dim, dropout, pool_first=pool_first)
+        self.reader = SmallCNN(num_classes, channels, convs, cell_dim, dropout)
         feat = cell_dim
         self.embed = nn.Embedding(num_classes + 2, embed)
         self.init_h = nn.Linear(feat, hidden)
@@ -55,7 +54,6 @@ class CNNRNN(ReadsCells):
         self.attn_score = nn.Linear(attn_dim, 1, bias=False)
         self.cell = nn.LSTMCell(embed + feat, hidden)
         self.drop = nn.Dropout(dropout)
-        self.drop_context = FastDropout(context_dropout)
         self.out = nn.Linear(hidden + feat, num_classes + 1)
 
     def encode(self, x: torch.Tensor, flip: bool = False):
@@ -99,7 +97,7 @@ class CNNRNN(ReadsCells):
         if read is not None:
             scores = scores.masked_fill(~read, float("-inf"))
         alpha = scores.softmax(dim=1)                                                           # (B, L)
-        context = self.drop_context(torch.bmm(alpha[:, None], feats).squeeze(1))  # (B, 1, L) @ (B, L, D) -> (B, D)
+        context = torch.bmm(alpha[:, None], feats).squeeze(1)           # (B, 1, L) @ (B, L, D) -> (B, D)
         if not self.feedback:
             tokens = torch.full_like(tokens, self.start)
         h, c = self.cell(torch.cat([self.embed(tokens), context], dim=1), (h, c))
