@@ -24,17 +24,17 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cnnrnn import build
-from cnnrnn.config import preset
+from cnnrnn.config import MAX_BATCH, preset
 from cnnrnn.data.composite import CompositeSource
 from cnnrnn.data.fashion_mnist import CLASSES, Split
 from cnnrnn.data.loader import ItemSource
 from cnnrnn.engine import autocast, keep_freed_memory, resolve_amp, to_device
-from cnnrnn.errors import UserError, fail
+from cnnrnn.errors import UserError, fail, refusals
 from cnnrnn.files import check_writable, write_atomic
 from cnnrnn.ranks import pick_device
 from cnnrnn.tasks import make_task
 
-MAX_BATCH = 65536  # beyond, a step's activations outgrow any machine's memory
+
 MODELS = {"lstm": "lstm", "lstm2": "lstm2", "cnn": "cnn", "cnn_rnn": "multilabel", "cnn_bce": "multilabel_bce"}
 
 
@@ -177,10 +177,8 @@ def main(argv: list[str] | None = None) -> None:
                                                            "onnxruntime (needs the [export] extras)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    try:
+    with refusals():
         models, sizes = check(args)  # all before the minutes of timing
-    except UserError as exc:
-        fail(str(exc))
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()
@@ -211,10 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"composite generation: {rate:,.0f} images/s")
     records.append({"model": "composites", "images_per_s": round(rate), **info})
     if args.json:
-        try:
+        with refusals():  # checked up front; the disk can still fill or the folder go
             write_atomic(args.json, json.dumps(records, indent=2), then="the table above holds the same numbers")
-        except UserError as exc:  # checked up front; the disk can still fill or the folder go
-            fail(str(exc))
 
 
 if __name__ == "__main__":

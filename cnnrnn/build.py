@@ -76,6 +76,12 @@ def from_checkpoint(state: dict, path, device: torch.device | str = "cpu"):
     if broken is not None:  # every score would be NaN: say so once instead of printing NaN for every input
         raise UserError(f"{path} holds NaN or infinite weights ({broken}), so every prediction would be NaN; use "
                         f"an earlier checkpoint of that run, e.g. its best.pt.")
+    expected = net.state_dict()
+    retyped = next((k for k, v in weights.items() if k in expected and torch.is_tensor(v)
+                    and v.dtype != expected[k].dtype), None)
+    if retyped is not None:  # load_state_dict would cast them silently: integer weights predict one flat score
+        raise UserError(f"{path} holds {retyped} as {weights[retyped].dtype}, where the model keeps "
+                        f"{expected[retyped].dtype}; the file was altered or made elsewhere.")
     try:
         net.load_state_dict(weights)
     except (RuntimeError, KeyError, TypeError) as exc:
@@ -90,13 +96,20 @@ def from_checkpoint(state: dict, path, device: torch.device | str = "cpu"):
     return cfg, net, make_task(cfg, state=task_state)
 
 
-def reader_model(path, device: torch.device | str = "cpu", what: str = "model.init_from") -> SmallCNN:
+def reader_model(path, device: torch.device | str = "cpu", what: str = "model.init_from",
+                 split: Config | None = None) -> SmallCNN:
     """A per-item reader (a single-label cnn: task=reader or cnn) from a checkpoint, or a sentence why it cannot
-    serve as one (`what` names the setting that gave the path)."""
+    serve as one (`what` names the setting that gave the path); with `split`, a run's config, one trained on that
+    run's split of the items, so that none of its training items is a validation item of the run."""
     cfg, net, _ = from_checkpoint(checkpoint.load(path), path, device)
     if not isinstance(net, SmallCNN):
         raise UserError(f"{what}={path} holds a task={cfg.task} model, but a reader is a single-label cnn; give the "
                         f"checkpoints/best.pt of a task=reader (or task=cnn) run.")
+    mine = split and (split.data.val_size, split.data.seed)
+    if mine and (cfg.data.val_size, cfg.data.seed) != mine:
+        raise UserError(f"{what}={path} was trained on another split of the items (data.val_size={cfg.data.val_size}"
+                        f", data.seed={cfg.data.seed}; this run: {mine[0]}, {mine[1]}), so some of its training items "
+                        f"are this run's validation items; give a reader of this split, or set the same split.")
     return net
 
 
@@ -134,5 +147,5 @@ def preflight(cfg: Config) -> None:
     probe(cfg, task)
     task.scene_spec(cfg)
     if cfg.model.get("init_from"):
-        init_encoder(model(cfg), reader_model(cfg.model["init_from"]), cfg.model["init_from"])
+        init_encoder(model(cfg), reader_model(cfg.model["init_from"], split=cfg), cfg.model["init_from"])
 

@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cnnrnn.errors import UserError, fail
-from cnnrnn.files import write_atomic
+from cnnrnn.errors import UserError, fail, refusals
+from cnnrnn.files import read_yaml, write_atomic
 from cnnrnn.report import duration, markdown
 
 log = logging.getLogger("cnnrnn")
@@ -117,14 +117,7 @@ def read_config(run: Path) -> dict:
     """The run's config: .hydra/config.yaml, else the one its checkpoints/last.pt carries, else {}."""
     hydra = run / ".hydra" / "config.yaml"
     if hydra.is_file():
-        import yaml
-
-        try:
-            config = yaml.safe_load(hydra.read_text())
-        except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"{hydra} is not readable YAML ({str(exc).splitlines()[0]}); restore it, or move "
-                            f".hydra away so that the config is read from checkpoints/last.pt.") from None
-        return config if isinstance(config, dict) else {}
+        return read_yaml(hydra)
     last = run / "checkpoints" / "last.pt"
     if last.is_file():
         from cnnrnn import checkpoint
@@ -225,16 +218,16 @@ def out_dir(inputs: list[str], out: str | None) -> Path:
         folder = single
     else:
         folder = Path("runs") / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
-    if (folder / "metrics.json").is_file():
-        raise UserError(f"--out {folder} is a run dir, whose own curves.png this would overwrite; choose another "
-                        f"folder with --out.")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {folder} is a file; give a folder for table.md and curves.png.")
-    ours = set((folder / MARK).read_text().split()) if (folder / MARK).is_file() else set()
-    theirs = [n for n in OUTPUTS if (folder / n).exists() and n not in ours]
+    if _looks_like_run(folder) or any(folder.glob(".*.lock")):
+        raise UserError(f"--out {folder} is a run dir or a cache of readers, whose own files this could overwrite; "
+                        f"choose another folder with --out.")
+    ours = set((folder / MARK).read_text(errors="replace").split()) if (folder / MARK).is_file() else set()
+    theirs = [n for n in OUTPUTS if (folder / n).exists() and n not in ours] + sorted(ours - set(OUTPUTS))
     if theirs:
-        raise UserError(f"--out {folder} holds a {theirs[0]} that compare did not write; choose a new folder with "
-                        f"--out, so that nothing of yours is overwritten.")
+        raise UserError(f"--out {folder} holds a {theirs[0]} that compare did not write, or a {MARK} of another "
+                        f"tool; choose a new folder with --out, so that nothing of yours is overwritten.")
     above = folder  # the folder is made at the end: check now that it can be, before the runs are read
     while not above.exists() and above != above.parent:
         above = above.parent
@@ -279,9 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)  # ours only: TensorBoard's reader is chatty at INFO
     try:
-        written = compare(args.runs, args.out, args.x)
-    except UserError as exc:
-        fail(str(exc))
+        with refusals():
+            written = compare(args.runs, args.out, args.x)
     except KeyboardInterrupt:
         fail("Interrupted; table.md and the figures may be incomplete.", 130)
     log.info("wrote %s", ", ".join(str(p) for p in written.values()))

@@ -19,6 +19,8 @@ from cnnrnn.models import MODELS, model_keys
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 MAX_SEED = 2**31 - 1
+# Bounds on what scales a run's memory or time: beyond them a value asks for gigabytes or weeks and fails late.
+MAX_EPOCHS, MAX_BATCH, MAX_PICTURES = 10_000, 65_536, 10_000_000
 
 
 @dataclass
@@ -258,8 +260,8 @@ def validate(cfg: Config) -> Config:
     t, o, d = cfg.trainer, cfg.optim, cfg.data
     for key, seed in (("seed", cfg.seed), ("data.seed", d.seed)):  # numpy takes seeds below 2**32; offsets are added
         _require(0 <= seed <= MAX_SEED, f"{key}={seed} must be between 0 and {MAX_SEED}.")
-    _require(t.epochs >= 1, f"trainer.epochs={t.epochs} must be at least 1.")
-    _require(t.batch_size >= 1, f"trainer.batch_size={t.batch_size} must be at least 1.")
+    _require(1 <= t.epochs <= MAX_EPOCHS, f"trainer.epochs={t.epochs} must be from 1 to {MAX_EPOCHS:,}.")
+    _require(1 <= t.batch_size <= MAX_BATCH, f"trainer.batch_size={t.batch_size} must be from 1 to {MAX_BATCH:,}.")
     _require(t.device in ("auto", "cpu", "cuda"), f"trainer.device={t.device!r} must be auto, cpu or cuda.")
     _require(t.threads is None or t.threads >= 1, f"trainer.threads={t.threads} must be at least 1 or null.")
     _require(t.ema is None or 0 < t.ema < 1, f"trainer.ema={t.ema} must be a decay in (0, 1) or null.")
@@ -304,11 +306,12 @@ def validate_composites(cfg: Config) -> None:
     _require(d.min_items <= min(grids) ** 2, f"data.min_items={d.min_items} is more items than the "
              f"{min(grids)}x{min(grids)} grid has cells; lower it or drop that grid from data.grid.")
     _require(0 <= d.repeats <= 1, f"data.repeats={d.repeats} must be a probability in [0, 1] (0 = off).")
-    _require(d.test_size >= 1, f"data.test_size={d.test_size} must be at least 1.")
+    for key, value in (("data.test_size", d.test_size), ("data.epoch_size", d.epoch_size or 1),
+                       ("data.val_size", d.val_size)):
+        _require(1 <= value <= MAX_PICTURES, f"{key}={value} must be from 1 to {MAX_PICTURES:,} composites.")
     _require(bool(d.scene), "data.scene must name a scene: uniform, or a file under configs/scene/.")
-    _require(d.epoch_size is None or d.epoch_size >= 1, f"data.epoch_size={d.epoch_size} must be at least 1.")
-    _require(cfg.reader.epochs is None or cfg.reader.epochs >= 1, f"reader.epochs={cfg.reader.epochs} must be at "
-             f"least 1 or null.")
+    _require(cfg.reader.epochs is None or 1 <= cfg.reader.epochs <= MAX_EPOCHS, f"reader.epochs={cfg.reader.epochs} "
+             f"must be from 1 to {MAX_EPOCHS:,}, or null.")
 
 
 def from_dict(values: dict) -> Config:

@@ -85,6 +85,29 @@ def guards_on_device(optimizer: torch.optim.Optimizer) -> bool:
     return bool(getattr(optimizer, "defaults", {}).get("fused"))
 
 
+def one_step(model: nn.Module, task, optimizer, scheduler, batch: dict, device: torch.device, amp: bool,
+             grad_clip: float | None, found_inf: torch.Tensor | None, step: int, distributed: bool):
+    """One optimizer step; its loss (on the device, averaged over the ranks) and stats. With `found_inf` a bad loss
+    flags the device and the update is skipped there; without it, it raises here (a host sync)."""
+    with autocast(device, amp):
+        loss, stats = task.loss(model, batch)
+    value = loss.detach()
+    if distributed:  # every rank sees the same (global) loss, so every rank skips the same steps
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    if found_inf is not None:
+        found_inf.masked_fill_(~torch.isfinite(value), 1.0)
+    elif not math.isfinite(host := value.item()):
+        raise NonFiniteLoss(step + 1, host)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()  # skipped on the device (step count too) once found_inf is 1
+    scheduler.step()
+    return value, stats
+
+
 @dataclass
 class Window:
     """The steps since the last sync, read on the host: `step` is the global step of the last of them."""
@@ -126,23 +149,8 @@ def train_steps(model: nn.Module, task, optimizer: torch.optim.Optimizer, schedu
         optimizer.found_inf = found_inf
     try:
         for batch in loader:
-            batch = to_device(batch, device)
-            with autocast(device, amp):
-                loss, stats = task.loss(model, batch)
-            value = loss.detach()
-            if distributed:  # every rank sees the same (global) loss, so every rank skips the same steps
-                dist.all_reduce(value)
-                value /= dist.get_world_size()
-            if guard:
-                found_inf.masked_fill_(~torch.isfinite(value), 1.0)
-            elif not math.isfinite(host := value.item()):
-                raise NonFiniteLoss(step + 1, host)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()  # skipped on the device (step count too) once found_inf is 1
-            scheduler.step()
+            value, stats = one_step(model, task, optimizer, scheduler, to_device(batch, device), device, amp,
+                                    grad_clip, found_inf, step, distributed)
             step += 1
             losses.append(value)
             for k, v in stats.items():

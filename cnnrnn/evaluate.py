@@ -20,7 +20,7 @@ from cnnrnn import build, checkpoint
 from cnnrnn.data import fashion_mnist
 from cnnrnn.data.composite import MAX_GRID
 from cnnrnn.engine import resolve_amp, score
-from cnnrnn.errors import UserError, fail
+from cnnrnn.errors import UserError, fail, refusals
 from cnnrnn.files import strict_json
 from cnnrnn.ranks import pick_device
 from cnnrnn.report import markdown
@@ -113,14 +113,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        if args.device is not None:
-            pick_device(args.device, "--device ")  # before the checkpoint is read
-        if args.grid is not None and not 1 <= args.grid <= MAX_GRID:
-            raise UserError(f"--grid {args.grid} must be from 1 to {MAX_GRID} (cells per side).")
-        results = evaluate_checkpoint(args.ckpt, args.data_root, args.device, args.oracle, args.grid,
-                                      args.max_items)
-    except UserError as exc:
-        fail(str(exc))
+        with refusals():
+            if args.device is not None:
+                pick_device(args.device, "--device ")  # before the checkpoint is read
+            if args.grid is not None and not 1 <= args.grid <= MAX_GRID:
+                raise UserError(f"--grid {args.grid} must be from 1 to {MAX_GRID} (cells per side).")
+            results = evaluate_checkpoint(args.ckpt, args.data_root, args.device, args.oracle, args.grid,
+                                          args.max_items)
     except KeyboardInterrupt:
         fail("Interrupted before the metrics were complete; nothing was printed.", 130)
     rows = [[k, f"{v:.4f}" if isinstance(v, float) else str(v)] for k, v in results.items()

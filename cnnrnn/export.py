@@ -21,7 +21,7 @@ from torch import nn
 
 from cnnrnn import build, checkpoint
 from cnnrnn.data.fashion_mnist import CLASSES
-from cnnrnn.errors import UserError, fail
+from cnnrnn.errors import UserError, fail, refusals
 from cnnrnn.files import check_writable, write_atomic
 from cnnrnn.inference import INSTALL, ONNX_FORMAT, OnnxModel
 from cnnrnn.tasks import MEAN, STD
@@ -149,9 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        path, note = export_checkpoint(args.ckpt, args.out, args.opset)
-    except UserError as exc:
-        fail(str(exc))
+        with refusals():
+            path, note = export_checkpoint(args.ckpt, args.out, args.opset)
+    except KeyboardInterrupt:
+        fail(f"Interrupted; {args.out} was not written (a file that was there is intact).", 130)
     log.info("wrote %s (%.1f MB); %s", path, path.stat().st_size / 1e6, note)
 
 

@@ -1,6 +1,7 @@
 """Every file the project writes goes through `write_atomic`: a temporary file beside it, flushed and fsynced,
 then renamed over the old one. A kill or a full disk at any instant leaves the previous file or the new one,
-never a torn one, and a failure is one sentence that says the previous file is intact."""
+never a torn one, and a failure is one sentence that says the previous file is intact. What it reads back (a
+run's .hydra/config.yaml) is checked as it is read."""
 from __future__ import annotations
 
 import json
@@ -83,3 +84,16 @@ def check_writable(name: str, what: str, example: str, make_folder: bool = False
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UserError(f"{what} cannot be written here (permission denied); choose a path you can write to.")
     return path
+
+
+def read_yaml(path: Path) -> dict:
+    """A YAML file that holds a mapping (a run's .hydra/config.yaml); one sentence if it does not."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not readable YAML ({str(exc).splitlines()[0]}); restore it or remove it.") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path} does not hold a mapping of settings; restore it or remove it.")
+    return values

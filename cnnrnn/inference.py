@@ -98,6 +98,11 @@ class OnnxModel:
                             f"checkpoint again with python -m cnnrnn.export CKPT OUT.onnx.") from None
         self.task = make_task(cfg, state=state)
         self.outputs = [o.name for o in self.session.get_outputs()]
+        graph = [(i.name, i.type, i.shape[1:]) for i in self.session.get_inputs()]
+        if graph != [("images", "tensor(uint8)", [self.side, self.side])] or set(self.outputs) != set(self.task.outputs):
+            raise UserError(f"{path}'s graph does not match its metadata (it reads {graph} and gives {self.outputs}, "
+                            f"where its metadata says uint8 images of {self.side}x{self.side} and "
+                            f"{list(self.task.outputs)}); export its checkpoint again.")
 
     def run(self, images: torch.Tensor) -> dict[str, np.ndarray]:
         """The graph's outputs by name for uint8 images (B, side, side)."""

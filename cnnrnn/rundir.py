@@ -140,22 +140,23 @@ def writable(found: Claim, key: str) -> None:
                         f"folder you can write to.") from None
 
 
-def lock_existing(path: str | Path) -> Claim:
-    """Lock a run folder that is resumed, so two processes never continue the same run at once."""
+def lock_existing(path: str | Path, key: str = "resume") -> Claim:
+    """Lock a run folder that is continued, so two processes never continue the same run at once."""
     path = Path(os.path.abspath(path))
     fd = _lock(path)
     if fd is None:
-        raise UserError(f"resume={path} is being written by another process right now; wait for it to end, then "
-                        f"resume.")
+        raise UserError(f"{key}={path} is being written by another process right now; wait for it to end, then "
+                        f"give the same command again.")
     claim = Claim(path, fd)
-    writable(claim, "resume")
+    writable(claim, key)
     return claim
 
 
 def lock_job(path: Path) -> Claim:
-    """Lock a sweep job's folder (Hydra made it in the claimed sweep folder); refused if another job has it."""
+    """Lock a sweep job's folder (Hydra made it, empty, in the claimed sweep folder); refused if another job has
+    it or wrote into it."""
     fd = _lock(path)
-    if fd is None or any((path / name).exists() for name in ("checkpoints", "metrics.json")):
+    if fd is None or any(path.iterdir()):
         if fd is not None:
             os.close(fd)
         raise UserError(f"{path} already belongs to another job of this sweep; keep ${{hydra.job.num}} in "

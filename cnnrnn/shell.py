@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +66,8 @@ def parse(argv: list[str]) -> Command:
         parsed = OverridesParser.create().parse_overrides([a for a in argv if a not in ("-m", "--multirun")])
     except Exception as exc:  # Hydra's grammar errors have no stable type
         raise UserError(f"Cannot parse the command line ({str(exc).splitlines()[0]}); write key=value pairs, "
-                        f"e.g. task=cnn trainer.epochs=5.") from None
+                        f"e.g. task=cnn trainer.epochs=5, and quote a value that holds spaces, accents or other "
+                        f"characters: 'data.root=\"my data\"'.") from None
 
     def values(o) -> list[str]:
         return list(o.sweep_string_iterator()) if o.is_sweep_override() else [str(o.value())]
@@ -103,21 +103,29 @@ def check_option(group: str, name: str) -> None:
         raise UserError(f"Unknown {group} '{name}'; choose one of {', '.join(options)}.")
 
 
-def job_config(overrides: list[str], key: str = "hydra.run.dir") -> tuple[config.Config, str, dict]:
-    """(validated config, the folder at `key` as Hydra resolves it, absolute, and the sweeper's own params) of one
-    job's overrides."""
+def job_config(overrides: list[str], key: str = "hydra.run.dir", num: int | None = None
+               ) -> tuple[config.Config, str, dict]:
+    """(validated config, the path at `key` as Hydra resolves it, and the sweeper's own params) of one job's
+    overrides; `num`: the job's number in a sweep, with the folder name Hydra's launcher gives that job."""
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         composed = compose(overrides, with_hydra=True)
     except Exception as exc:  # a YAML or interpolation error in a file: Hydra's types vary
         raise UserError(f"Cannot compose the config from {' '.join(overrides)}: {str(exc).splitlines()[0]}") from None
+    if num is not None:  # what the launcher sets: the job's number and its overrides as a name (Hydra's own rule)
+        names = composed.hydra.job.config.override_dirname
+        task = sorted(o for o in overrides if not o.lstrip("+~").startswith("hydra")
+                      and o.split("=", 1)[0].lstrip("+~") not in names.exclude_keys)
+        with open_dict(composed):
+            composed.hydra.job.num = num
+            composed.hydra.job.override_dirname = names.item_sep.join(task).replace("=", names.kv_sep)
     previous = HydraConfig.instance().cfg
     try:
         HydraConfig.instance().set_config(composed)  # for ${hydra:...} in the path
-        folder = os.path.abspath(str(OmegaConf.select(composed, key, throw_on_missing=True)))
+        folder = str(OmegaConf.select(composed, key, throw_on_missing=True))
     except OmegaConfBaseException as exc:
         raise UserError(f"Cannot resolve {key} ({str(exc).splitlines()[0].rstrip('.')}); give it a plain value, or "
                         f"an interpolation of a key that exists.") from None
@@ -136,15 +144,18 @@ def log_to(folder: Path | None, level: int = logging.INFO) -> None:
 
 
 def sweep(argv: list[str], job) -> None:
-    """Run Hydra's sweep (its sweeper and launcher) with `job(cfg, folder, launcher)` as each job's work."""
+    """Run Hydra's sweep (its sweeper and launcher) with `job(cfg, folder, n_jobs, sweep folder, job number,
+    overrides)` as each job's work. Hydra writes nothing into a job's folder itself: the job checks and claims it
+    first, then writes its .hydra/ files."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
     @hydra.main(config_path=str(config.CONFIG_DIR), config_name="train", version_base="1.3")
     def main(composed) -> None:
-        settings = HydraConfig.get()
-        launcher = settings.launcher.get("n_jobs") if str(settings.mode) == "RunMode.MULTIRUN" else None
-        job(to_config(composed), Path(settings.runtime.output_dir).resolve(), launcher)
+        s = HydraConfig.get()
+        launcher = s.launcher.get("n_jobs") if str(s.mode) == "RunMode.MULTIRUN" else None
+        job(to_config(composed), Path(s.runtime.output_dir), launcher, Path(s.sweep.dir), s.job.num,
+            list(s.overrides.task))
 
     compose([])  # registers the task presets
     sys.argv = sys.argv[:1] + argv

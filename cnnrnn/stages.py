@@ -3,7 +3,6 @@ run of its own, announced before anything starts, then the run itself (training.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -11,9 +10,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnnrnn import checkpoint
+from cnnrnn import build, checkpoint
+from cnnrnn.cache import Cache
 from cnnrnn.config import Config, preset
 from cnnrnn.data import fashion_mnist
+from cnnrnn.errors import UserError
 from cnnrnn.ranks import process_rank
 from cnnrnn.training import fit
 
@@ -23,15 +24,21 @@ LOG_FORMAT, LOG_DATEFMT = "[%(asctime)s][%(levelname)s] %(message)s", "%H:%M:%S"
 
 @dataclass
 class Stage:
-    """A model a run needs before its own training (the per-item reader), kept in `folder` and reused; `done`
-    once its metrics.json exists."""
+    """A model a run needs before its own training (the per-item reader): entry `name` of `cache`, trained in
+    its partial folder (continued if interrupted) and published whole once finished."""
     what: str
     cfg: Config
-    folder: Path
+    cache: Cache
+    name: str
+    hint: str  # how to continue it after a stop
+
+    @property
+    def folder(self) -> Path:
+        return self.cache.entry(self.name)
 
     @property
     def done(self) -> bool:
-        return (self.folder / "metrics.json").is_file()
+        return self.cache.done(self.name)
 
     def describe(self) -> str:
         limit = self.cfg.data.limit
@@ -66,13 +73,39 @@ def recipe_digest(cfg: Config) -> str:
 def prepare(cfg: Config, out_dir: Path) -> tuple[Config, list[Stage]]:
     """The config the run trains with and the stages it needs first: a composite run without model.init_from
     starts from a reader trained on single items (reader.train), which also serves as its tile oracle."""
-    if "init_from" not in cfg.model or cfg.model["init_from"] or not cfg.reader.train:
+    if "init_from" not in cfg.model or not cfg.reader.train:
         return cfg, []
     stage_cfg = reader_config(cfg)
-    folder = (Path(cfg.reader.cache) / f"reader-{recipe_digest(stage_cfg)}" if cfg.reader.cache
-              else out_dir / "reader")
-    cfg = dataclasses.replace(cfg, model={**cfg.model, "init_from": str(folder / "checkpoints" / "best.pt")})
-    return cfg, [Stage("the per-item reader", stage_cfg, folder)]
+    cache, name = ((Cache(cfg.reader.cache, "reader.cache"), f"reader-{recipe_digest(stage_cfg)}") if cfg.reader.cache
+                   else (Cache(out_dir, "the run folder"), "reader"))
+    best = str(cache.entry(name) / "checkpoints" / "best.pt")
+    if cfg.model["init_from"] not in (None, best):  # a reader of the user's: no stage (its own stage's: as null)
+        return cfg, []
+    hint = "the same command again" if cfg.reader.cache else f"resume={out_dir}"
+    return dataclasses.replace(cfg, model={**cfg.model, "init_from": best}), [
+        Stage("the per-item reader", stage_cfg, cache, name, hint)]
+
+
+def check(cfg: Config) -> None:
+    """Before the run folder exists: the reader cache can serve or keep this run's reader, and a cached one reads."""
+    _, needed = prepare(cfg, Path("."))
+    for stage in needed:
+        if cfg.reader.cache:
+            stage.cache.check(stage.name)
+            if stage.done:
+                cached_reader(stage)
+
+
+def cached_reader(stage: Stage) -> Path:
+    """The best.pt of a finished stage, read through the checks of any checkpoint; a sentence naming the cache
+    entry (and how to rebuild it) if it is damaged or not a reader."""
+    best = stage.folder / "checkpoints" / "best.pt"
+    try:
+        build.reader_model(best, what="the cached reader")
+    except UserError as exc:
+        raise UserError(f"The cached reader in {stage.folder} cannot be used ({str(exc).rstrip('.')}); delete that "
+                        f"folder and the next run trains it again.") from None
+    return best
 
 
 def run(cfg: Config, out_dir: str | Path, saved: dict | None = None, stages: list[Stage] | None = None) -> dict | None:
@@ -82,7 +115,7 @@ def run(cfg: Config, out_dir: str | Path, saved: dict | None = None, stages: lis
         cfg, stages = prepare(cfg, Path(out_dir))
     for i, stage in enumerate(stages, 1):
         log.info("stage %d/%d: %s", i, len(stages) + 1, stage.describe())
-        train_cached(stage.cfg, stage.folder)
+        train_stage(stage)
     if stages:
         log.info("stage %d/%d: task=%s in %s", len(stages) + 1, len(stages) + 1, cfg.task, out_dir)
     results = fit(cfg, out_dir, saved)
@@ -91,25 +124,23 @@ def run(cfg: Config, out_dir: str | Path, saved: dict | None = None, stages: lis
     return results
 
 
-def train_cached(cfg: Config, folder: Path) -> Path:
-    """Train `cfg` in `folder` once: continued if it was interrupted, reused once finished; its best.pt. A lock
-    makes a second process wait for the first; under torchrun rank 0 trains it alone and the others wait."""
-    best, last = folder / "checkpoints" / "best.pt", folder / "checkpoints" / "last.pt"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = folder.parent / f".{folder.name}.lock"
-    while True:
-        with open(lock_path, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # another process training this very model: wait, then reuse it
-            if (folder / "metrics.json").is_file():
-                return best
-            if process_rank() == 0:
-                saved = checkpoint.load(last) if last.is_file() else None
-                if saved is not None:
-                    log.info("continuing %s", folder)
-                with log_file(folder / "train.log"):
-                    fit(cfg, folder, saved, distributed=False, resume_hint="the same command again")
-                return best
-        time.sleep(5)  # a rank other than 0: wait for rank 0 to train it
+def train_stage(stage: Stage) -> Path:
+    """Train a stage once, in its cache entry's partial folder (continued if it was interrupted), and publish it
+    whole; reuse it once published. A second process waits for the first; under torchrun rank 0 trains it alone
+    and the others wait. Its best.pt, checked."""
+    while not stage.done:
+        if process_rank() == 0:
+            with stage.cache.building(stage.name) as partial:
+                if partial is not None:
+                    last = partial / "checkpoints" / "last.pt"
+                    saved = checkpoint.load(last) if last.is_file() else None
+                    if saved is not None:
+                        log.info("continuing %s", partial)
+                    with log_file(partial / "train.log"):
+                        fit(stage.cfg, partial, saved, distributed=False, resume_hint=stage.hint)
+        else:
+            time.sleep(5)  # a rank other than 0: wait for rank 0 to train it
+    return cached_reader(stage)
 
 
 class log_file:

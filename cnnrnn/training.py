@@ -173,7 +173,7 @@ def start_model(cfg: Config, proc: Process, saved: dict | None) -> tuple[nn.Modu
     model = build.model(cfg)
     path, reader = cfg.model.get("init_from"), None
     if path and (saved is None or Path(path).is_file()):
-        reader = build.reader_model(path, proc.device, "model.init_from")
+        reader = build.reader_model(path, proc.device, "model.init_from", split=cfg)
     elif path:
         log.warning("no tile oracle: its reader %s is gone", path)
     if reader is not None and saved is None:

@@ -142,3 +142,18 @@ def test_model_settings_torch_rejects_and_missing_files_are_refused_before_any_w
         build.preflight(preset("multilabel", model={"init_from": str(tmp_path / "missing.pt")}))
     with pytest.raises(UserError, match="data.scene=nope: no scene file"):
         build.preflight(preset("multilabel", data={"scene": "nope"}))
+
+
+def test_a_reader_of_another_split_and_integer_weights_are_refused(tmp_path):
+    reader_cfg = preset("reader", model={"channels": [4, 8], "hidden": 16}, data={"val_size": 4000})
+    save_model(tmp_path / "reader.pt", reader_cfg)
+    run = preset("multilabel", model={**SMALL, "init_from": str(tmp_path / "reader.pt")})
+    with pytest.raises(UserError, match=r"was trained on another split of the items \(data.val_size=4000, "
+                                        r"data.seed=0; this run: 5000, 0\), so some of its training items"):
+        build.preflight(run)
+    cnn = preset("cnn", model={"channels": [4, 8], "hidden": 16})
+    weights = {k: v.long() if v.is_floating_point() else v for k, v in build.model(cnn).state_dict().items()}
+    checkpoint.save(tmp_path / "int.pt", {"model": weights, "config": cnn.to_dict()})
+    with pytest.raises(UserError, match=r"int.pt holds encoder.layers.0.weight as torch.int64, where the model keeps "
+                                        r"torch.float32; the file was altered or made elsewhere."):
+        build.from_checkpoint(checkpoint.load(tmp_path / "int.pt"), tmp_path / "int.pt")

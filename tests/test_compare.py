@@ -80,8 +80,8 @@ def test_compare_refuses_to_write_over_a_users_own_table(tmp_path, capsys):
     (sweep / "table.md").write_text("my own notes")
     code, out, err = run_main(capsys, compare.main, sweep)
     assert code == 2 and out == ""
-    assert err == (f"error: --out {sweep} holds a table.md that compare did not write; choose a new folder with "
-                   f"--out, so that nothing of yours is overwritten.\n")
+    assert err == (f"error: --out {sweep} holds a table.md that compare did not write, or a .compare of another "
+                   f"tool; choose a new folder with --out, so that nothing of yours is overwritten.\n")
     assert (sweep / "table.md").read_text() == "my own notes" and not (sweep / "curves.png").exists()
 
 
@@ -169,3 +169,22 @@ def test_a_reader_trained_inside_a_run_is_no_run_of_the_comparison(tmp_path, cap
     assert code == 0, err
     table = (sweep / "table.md").read_text()
     assert table.count("| `") == 6 and "reader`" not in table
+
+
+@pytest.mark.parametrize("name, content, words", [
+    (".hydra/config.yaml", b"task: cnn", "is a run dir or a cache of readers"),          # a stopped run
+    (".reader-1234.lock", b"", "is a run dir or a cache of readers"),                    # the reader cache
+    (".compare", b"notes.txt\n", "or a .compare of another tool"),
+    (".compare", b"\xff\xfe\x00", "or a .compare of another tool"),
+])
+def test_compare_never_writes_into_a_run_a_cache_or_another_tools_folder(tmp_path, capsys, name, content, words):
+    run = fake_run(tmp_path / "run", {"task": "cnn", "model": [1]}, {"test/acc": 0.9})
+    out = tmp_path / "out"
+    (out / name).parent.mkdir(parents=True)
+    (out / name).write_bytes(content)
+    before = sorted(p.name for p in out.iterdir())
+    code, _, err = run_main(capsys, compare.main, run, "--out", out)
+    assert code == 2 and words in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == before
+    code, _, err = run_main(capsys, compare.main, run, "--out", tmp_path / "fine")   # the odd config itself is fine
+    assert code == 0, err

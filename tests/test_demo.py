@@ -37,6 +37,10 @@ def test_the_demo_trains_writes_pictures_and_names_their_items(tmp_path):
     assert len(list(folder.glob("reader-*/checkpoints/best.pt"))) == 1      # the reader is kept in the folder
     assert "test f1_samples" in proc.stderr and str(folder) in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]              # nothing beside it
+    again = subprocess.run([PYTHON, "-c", SMALLER, str(folder)], cwd=tmp_path, env=cli_env(), capture_output=True,
+                           text=True, timeout=900)   # a demo's folder again: what it trained is reused
+    assert again.returncode == 0 and len(again.stdout.splitlines()) == 8, again.stderr[-2000:]
+    assert json.loads((folder / "run" / "metrics.json").read_text()) == metrics
 
 
 @pytest.mark.slow
@@ -48,3 +52,19 @@ def test_the_demo_refuses_a_folder_of_other_files_in_one_sentence(tmp_path):
     assert proc.stderr == (f"error: FOLDER={tmp_path} is a folder of other files (notes.txt), which a run could "
                            f"overwrite; choose a new or empty folder.\n")
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_stopped_demo_is_continued_in_its_folder_and_other_folders_are_refused(tmp_path):
+    from cnnrnn import demo
+    from cnnrnn.errors import UserError
+
+    held = demo.open_folder(tmp_path / "d")
+    assert (held.path / demo.DEMO).is_file()
+    with pytest.raises(UserError, match="FOLDER=.* is being written by another process right now"):
+        demo.open_folder(tmp_path / "d")                      # a demo still running there
+    held.release()
+    assert demo.open_folder(tmp_path / "d").path == held.path
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="is a folder of other files"):
+        demo.open_folder(tmp_path / "mine")

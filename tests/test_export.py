@@ -195,3 +195,17 @@ def test_missing_extras_are_one_sentence(fake_root, tmp_path, capsys, monkeypatc
     code, _, err = run_main(capsys, export.main, ckpt, tmp_path / "m.onnx")
     assert code == 2 and "needs the onnx package" in err and "cnnrnn[export]" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_ctrl_c_during_an_export_is_one_line_and_leaves_the_old_file(fake_root, tmp_path, capsys, monkeypatch):
+    write_checkpoint(tmp_path / "m.pt", "cnn", fake_root)
+    (tmp_path / "m.onnx").write_bytes(b"an older export")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "export", interrupted)
+    code, _, err = run_main(capsys, export.main, tmp_path / "m.pt", tmp_path / "m.onnx")
+    assert code == 130 and err.strip() == (f"error: Interrupted; {tmp_path / 'm.onnx'} was not written (a file that "
+                                           f"was there is intact).")
+    assert (tmp_path / "m.onnx").read_bytes() == b"an older export"

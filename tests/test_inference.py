@@ -102,3 +102,19 @@ def test_without_onnxruntime_an_onnx_file_is_one_sentence(tmp_path, monkeypatch)
     with pytest.raises(UserError, match="needs the onnxruntime package, which is not installed; install it with "
                                         "pip install 'cnnrnn\\[export\\]'"):
         inference.load(str(tmp_path / "m.onnx"))
+
+
+def test_a_graph_that_does_not_match_its_metadata_is_refused(onnx_ready, fake_root, tmp_path):
+    import onnx
+
+    write_checkpoint(tmp_path / "cnn.pt", "cnn", fake_root)
+    write_checkpoint(tmp_path / "multi.pt", "multilabel", fake_root)
+    export.export_checkpoint(tmp_path / "cnn.pt", tmp_path / "cnn.onnx")
+    export.export_checkpoint(tmp_path / "multi.pt", tmp_path / "multi.onnx")
+    cnn, multi = onnx.load(str(tmp_path / "cnn.onnx")), onnx.load(str(tmp_path / "multi.onnx"))
+    del multi.metadata_props[:]
+    multi.metadata_props.extend(cnn.metadata_props)           # another task's metadata on a 56x56 graph
+    onnx.save(multi, str(tmp_path / "swapped.onnx"))
+    with pytest.raises(UserError, match=r"swapped.onnx's graph does not match its metadata \(it reads "
+                                        r"\[\('images', 'tensor\(uint8\)', \[56, 56\]\)\].*export its checkpoint again"):
+        inference.OnnxModel(tmp_path / "swapped.onnx")

@@ -98,12 +98,17 @@ def test_a_line_that_is_not_key_value_is_one_sentence():
     assert refusal(["trainer.epochs=[1,"]).startswith("Cannot parse the command line (")
 
 
-def test_a_jobs_folder_is_resolved_and_absolute(tmp_path, monkeypatch):
+def test_a_jobs_folder_is_resolved_as_hydra_resolves_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg, folder, params = shell.job_config(["task=cnn", "hydra.run.dir=runs/${task}/x"])
-    assert cfg == preset("cnn") and folder == str(tmp_path / "runs" / "cnn" / "x") and params == {}
+    assert cfg == preset("cnn") and folder == "runs/cnn/x" and params == {}
     _, default, _ = shell.job_config(["task=lstm"])
-    assert os.path.dirname(default) == str(tmp_path / "runs" / "lstm")          # runs/TASK/TIME
+    assert os.path.dirname(default) == "runs/lstm"                               # runs/TASK/TIME
+    _, cwd, _ = shell.job_config(["hydra.run.dir=${hydra:runtime.cwd}/r"])
+    assert cwd == f"{tmp_path}/r"
+    # a sweep job's folder as the launcher names it: its number and its overrides
+    _, sub, _ = shell.job_config(["seed=2", "task=cnn"], "hydra.sweep.subdir", num=3)
+    assert sub == "3-seed=2,task=cnn"
     _, _, params = shell.job_config(["+experiment=context"], "hydra.sweep.dir")
     assert params == {"+arm": "decoder,no_feedback,bce", "data.degrade": "0.0,0.5"}
     with pytest.raises(UserError, match=r"Cannot resolve hydra.run.dir \(.*nope"):

@@ -3,16 +3,20 @@ oracle; its folder named by a digest of its recipe and items."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
+import pytest
 import torch
 
-from cnnrnn import build, checkpoint, stages, tasks
+from cnnrnn import build, checkpoint, stages, tasks, train
 from cnnrnn.config import preset
 from cnnrnn.data import fashion_mnist
 from cnnrnn.data.composite import CompositeSource
 from cnnrnn.training import score_oracle
-from conftest import tiny, write_dataset
+from cnnrnn.errors import UserError
+from conftest import run_main, tiny, tiny_args, write_dataset
 
 
 def test_a_composite_run_trains_its_reader_once_and_a_second_run_reuses_it(fake_root, tmp_path):
@@ -96,3 +100,50 @@ def test_clones_that_read_the_same_files_share_their_reader(tmp_path, monkeypatc
     monkeypatch.setattr(fashion_mnist, "SYSTEM_DIR", tmp_path / "system")
     clones = [stages.reader_config(tiny(tmp_path / name / "data", "multilabel")) for name in ("a", "b")]
     assert stages.recipe_digest(clones[0]) == stages.recipe_digest(clones[1])
+
+
+def send_at(monkeypatch, step: int, signum: int) -> None:
+    """SIGTERM (or `signum`) to this process during training step `step` of a single-label model: the reader."""
+    real_loss, calls = tasks.Classification.loss, []
+
+    def loss(self, model, batch):
+        if model.training:
+            calls.append(1)
+            if len(calls) == step:
+                os.kill(os.getpid(), signum)
+        return real_loss(self, model, batch)
+
+    monkeypatch.setattr(tasks.Classification, "loss", loss)
+
+
+def test_a_stage_inside_the_run_stopped_midway_is_kept_and_continued_by_resume(fake_root, in_process, capsys,
+                                                                              monkeypatch):
+    run = in_process / "run"
+    args = tiny_args(fake_root, "task=multilabel", "trainer.epochs=1", "reader.cache=null", "reader.epochs=2",
+                     f"hydra.run.dir={run}")
+    with monkeypatch.context() as patch:
+        send_at(patch, 2, signal.SIGTERM)                         # the reader's second epoch (one step each)
+        code, _, err = run_main(capsys, train.main, *args)
+    assert code == 128 + signal.SIGTERM and f"continue with resume={run}" in err
+    assert (run / ".reader.partial" / "checkpoints" / "last.pt").is_file() and not (run / "reader").exists()
+    code, _, err = run_main(capsys, train.main, f"resume={run}")
+    assert code == 0, err
+    assert "Resuming" in (run / "reader" / "train.log").read_text() and (run / "metrics.json").is_file()
+    assert json.loads((run / "reader" / "metrics.json").read_text())["epochs"] == 2
+
+
+def test_a_damaged_cached_reader_is_named_as_the_cache_entry_with_the_fix(fake_root, tmp_path):
+    cfg = tiny(fake_root, "multilabel", reader={"cache": str(tmp_path / "readers")})
+    _, (stage,) = stages.prepare(cfg, tmp_path / "run")
+    (stage.folder / "checkpoints").mkdir(parents=True)
+    (stage.folder / "checkpoints" / "best.pt").write_text("not a checkpoint")
+    with pytest.raises(UserError, match=rf"The cached reader in {stage.folder} cannot be used \(.*\); delete that "
+                                        r"folder and the next run trains it again."):
+        stages.check(cfg)
+    checkpoint.save(stage.folder / "checkpoints" / "best.pt", {"config": preset("multilabel").to_dict(),
+                                                              "model": {}})
+    with pytest.raises(UserError, match="The cached reader in .* cannot be used"):
+        stages.check(cfg)
+    (tmp_path / "file").write_text("a file")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        stages.check(tiny(fake_root, "multilabel", reader={"cache": str(tmp_path / "file" / "readers")}))

@@ -5,6 +5,7 @@ import dataclasses
 import gzip
 import json
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -59,7 +60,7 @@ def test_resuming_a_finished_run_changes_nothing(cli_run, in_process, capsys):
     out, _ = cli_run
     stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     code, stdout, err = run_main(capsys, train.main, f"resume={out}")
-    assert code == 0 and "is finished (1 epochs" in err and "nothing to do" in err and stdout == ""
+    assert code == 0 and "is finished (results in" in err and "nothing to do" in err and stdout == ""
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamp
 
 
@@ -67,7 +68,7 @@ def test_a_changed_override_on_a_finished_run_is_refused(cli_run, in_process, ca
     out, _ = cli_run
     code, _, err = run_main(capsys, train.main, f"resume={out}", "trainer.epochs=30")
     assert code == 2
-    assert (f"resume={out} is a finished run (1 epochs; results in {out / 'metrics.json'}), so trainer.epochs=30 "
+    assert (f"resume={out} is a finished run (results in {out / 'metrics.json'}), so trainer.epochs=30 "
             f"(its 1) would change nothing; drop trainer.epochs, or start a new run with it.") in one_error(err)
 
 
@@ -100,7 +101,8 @@ def test_a_resumed_run_is_locked(tmp_path, in_process, capsys):
 
 @pytest.mark.parametrize("make, words", [
     (lambda d: d / "nowhere", "is not a folder; give the run dir to continue"),
-    (lambda d: (d / "empty").mkdir() or d / "empty", "has no checkpoints/last.pt (it stopped before its first"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", "has neither checkpoints/last.pt nor .hydra/config.yaml"),
+    (lambda d: "", "resume= is not a folder; give the run dir to continue"),
     (lambda d: stopped_run(d / "old", state={"epoch": 1, "global_step": 10}), "holds a loop state of another version"),
     (lambda d: stopped_run(d / "cfg", config="task: cnn"), "holds a 'config' of type str"),
     (lambda d: stopped_run(d / "opt", optimizer=None), "holds a 'optimizer' of type NoneType"),
@@ -110,10 +112,68 @@ def test_what_cannot_be_resumed_is_one_sentence(tmp_path, in_process, capsys, ma
     assert code == 2 and words in one_error(err)
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_again_with_resume(fake_root, in_process, capsys):
+    run = in_process / "run"
+    args = tiny_args(fake_root, "task=cnn", "trainer.epochs=1", f"hydra.run.dir={run}")
+    code, _, err = run_main(capsys, train.main, *args)
+    assert code == 0, err
+    for made in [*run.glob("checkpoints"), *run.glob("figures"), run / "metrics.json", run / "curves.png"]:
+        shutil.rmtree(made) if made.is_dir() else made.unlink()  # what a SIGKILL in epoch 1 leaves: .hydra, a log
+    code, _, err = run_main(capsys, train.main, *args)
+    assert code == 2 and f"continue that run with resume={run}" in one_error(err)
+    code, _, err = run_main(capsys, train.main, f"resume={run}")
+    assert code == 0, err
+    # the run's event files (its own and add_hparams's), not the killed try's too
+    assert (run / "metrics.json").is_file() and len(list(run.glob("events.out.tfevents.*"))) == 2
+    code, _, err = run_main(capsys, train.main, f"resume={run}", f"hydra.run.dir={in_process / 'elsewhere'}")
+    assert code == 2 and "drop hydra.run.dir" in one_error(err)
+
+
+def test_sweep_job_folders_are_checked_as_hydra_resolves_them_before_any_job_starts(tmp_path, in_process, capsys):
+    mine = in_process / "mine"
+    mine.mkdir()
+    (mine / "curves.png").write_text("a user's figure")
+    for subdir, words in (("${hydra:runtime.cwd}/mine", "outside the sweep folder"),
+                          ("${oc.env:HOME}", "outside the sweep folder"),
+                          ("same", "jobs 0 and 1 of this sweep would share the folder")):
+        code, _, err = run_main(capsys, train.main, "-m", "task=cnn", "seed=1,2", f"hydra.sweep.dir={tmp_path}/s",
+                                f"hydra.sweep.subdir={subdir}")
+        assert code == 2 and words in one_error(err)
+    assert files_in(mine) == {"curves.png": b"a user's figure"} and not (tmp_path / "s").exists()
+
+
+def test_a_job_outside_or_in_a_taken_folder_writes_nothing_there(tmp_path, capsys):
+    (tmp_path / "sweep" / "0").mkdir(parents=True)
+    (tmp_path / "sweep" / "0" / "train.log").write_text("another job's log\n")
+    for folder, words in ((tmp_path / "out", "outside the sweep folder"),
+                          (tmp_path / "sweep" / "0", "already belongs to another job")):
+        folder.mkdir(exist_ok=True)
+        before = files_in(folder)
+        with pytest.raises(SystemExit) as exit_info:
+            train.job(preset("cnn"), folder, None, tmp_path / "sweep", 0, [], total=3)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and words in err and "job 0 and the 2 after it did not run" in err
+        assert files_in(folder) == before
+
+
+def test_print_the_config_only_of_a_command_line_the_project_accepts(tmp_path, in_process, capsys):
+    code, out, err = run_main(capsys, train.main, "--cfg", "job", "trainer.epochs=abc")
+    assert code == 2 and out == "" and one_error(err) == (
+        "error: trainer.epochs='abc' must be of type int; write it as in `python -m cnnrnn.train --cfg job`.")
+
+
+def test_paths_too_long_or_with_a_newline_are_refused_on_one_line(tmp_path, in_process, capsys):
+    code, _, err = run_main(capsys, train.main, f"hydra.run.dir={tmp_path}/{'x' * 300}/run")
+    assert code == 2 and "is too long a path for this file system; choose a shorter name." in one_error(err)
+    code, _, err = run_main(capsys, train.main, "task=cnn", "data.root='a\nb'", f"hydra.run.dir={tmp_path}/r",
+                            "trainer.epochs=abc")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+
+
 def test_refused_command_lines_create_nothing(tmp_path, in_process, capsys):
     for argv, words in ((["task=cnn,lstm"], "gives several values, which makes a sweep; add -m"),
                         (["-m", "seed=1,2", f"resume={tmp_path}"], "resume continues one run; drop -m."),
-                        (["-m", "seed=1,2", "hydra.sweep.subdir=../x"], "must stay inside the sweep folder"),
+                        (["-m", "seed=1,2", "hydra.sweep.subdir=../x"], "outside the sweep folder"),
                         (["hydra.output_subdir=../x"], "hydra.output_subdir cannot be set here"),
                         (["task=cnn", "model.beam_size=2"], "Unknown config key 'model.beam_size'"),
                         (["data.grid=17"], "data.grid=17 must be a grid size from 1 to 16")):
@@ -191,7 +251,8 @@ def test_a_sweep_hands_each_job_to_the_training_of_one_job(fake_root, in_process
     code, _, err = run_main(capsys, train.main, "-m", "task=cnn", "seed=1,2", "hydra.sweep.dir=sweep")
     assert code == 0, err
     (argv, job), = handed
-    assert f"hydra.sweep.dir={in_process / 'sweep'}" in argv and job is train.job
+    assert f"hydra.sweep.dir={in_process / 'sweep'}" in argv and "hydra.output_subdir=null" in argv
+    assert job.func is train.job and job.keywords == {"total": 2}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present here")
@@ -250,6 +311,11 @@ def bad_inputs(tmp_path_factory) -> Path:
                                         "attn_dim": 8})
     checkpoint.save(ckpt / "multi.pt", {"model": build.model(multi).state_dict(), "config": multi.to_dict()})
     torch.save({"weights": torch.zeros(3)}, ckpt / "plain.pt")
+    reader = preset("reader", model={"channels": [4, 8], "hidden": 16}, data={"val_size": 4000})
+    checkpoint.save(ckpt / "split.pt", {"model": build.model(reader).state_dict(), "config": reader.to_dict()})
+    weights = {k: v.long() if v.is_floating_point() else v for k, v in build.model(cnn).state_dict().items()}
+    checkpoint.save(ckpt / "int.pt", {"model": weights, "config": cnn.to_dict()})
+    (base / "stopped" / ".hydra").mkdir(parents=True)
     (base / "run" / "checkpoints").mkdir(parents=True)
     (base / "run" / "metrics.json").write_text("{}")
     (base / "images").mkdir()
@@ -262,24 +328,22 @@ def bad_inputs(tmp_path_factory) -> Path:
     return base
 
 
-BAD = [  # (command, the words the one sentence must hold)
+BAD = [  # (command, the words the one sentence must hold); values checked by unit tests appear once, as examples
     (["cnnrnn.train", "task=foo"], "Unknown task 'foo'"),
     (["cnnrnn.train", "trainer.epoch=3"], "did you mean 'trainer.epochs'"),
     (["cnnrnn.train", "trainer.epochs=abc"], "trainer.epochs='abc' must be of type int"),
-    (["cnnrnn.train", "trainer.epochs=-1"], "trainer.epochs=-1 must be at least 1"),
-    (["cnnrnn.train", "trainer.batch_size=0"], "trainer.batch_size=0 must be at least 1"),
-    (["cnnrnn.train", "optim.lr=0"], "optim.lr=0.0 must be greater than 0"),
-    (["cnnrnn.train", "optim.lr=-0.1"], "must be greater than 0"),
-    (["cnnrnn.train", "data.min_items=3", "data.max_items=2"], "data.min_items=3 is larger than data.max_items=2"),
-    (["cnnrnn.train", "data.max_items=5"], "more items than the 2x2 grid has cells"),
-    (["cnnrnn.train", "data.val_size=60000"], "data.val_size=60000 must be between"),
-    (["cnnrnn.train", "data.grid=17"], "data.grid=17 must be a grid size from 1 to 16"),
-    (["cnnrnn.train", "task=multilabel", "model.beam_size=0"], "model.beam_size=0 must be at least 1"),
-    (["cnnrnn.train", "task=multilabel", "model.label_order=alphabetical"], "model.label_order='alphabetical'"),
+    (["cnnrnn.train", "--cfg", "job", "trainer.epochs=abc"], "trainer.epochs='abc' must be of type int"),
+    (["cnnrnn.train", "data.root=dätä"], "quote a value that holds spaces, accents or other characters"),
+    (["cnnrnn.train", "data.test_size=10000000000"], "data.test_size=10000000000 must be from 1 to 10,000,000"),
+    (["cnnrnn.train", "task=cnn", "reader.epochs=3"], "reader.epochs is a setting of the composite tasks"),
     (["cnnrnn.train", "task=cnn", "model.beam_size=2"], "Unknown config key 'model.beam_size'"),
     (["cnnrnn.train", "task=cnn,lstm"], "gives several values, which makes a sweep; add -m"),
     (["cnnrnn.train", "hydra.output_subdir=../x"], "hydra.output_subdir cannot be set here"),
     (["cnnrnn.train", "-m", "seed=1,2", "resume={bad}/run"], "resume continues one run; drop -m"),
+    (["cnnrnn.train", "-m", "task=cnn", "seed=1,2", "hydra.sweep.dir={bad}/sw",
+      "hydra.sweep.subdir=${{hydra:runtime.cwd}}"], "outside the sweep folder"),
+    (["cnnrnn.train", "-m", "task=cnn", "seed=1,2", "hydra.sweep.dir={bad}/sw", "hydra.sweep.subdir=one"],
+     "jobs 0 and 1 of this sweep would share the folder"),
     (["cnnrnn.train", "task=cnn", "data.root={bad}/truncated",
       "hydra.run.dir={bad}/runs-truncated"], "train-images-idx3-ubyte.gz is truncated"),
     (["cnnrnn.train", "task=cnn", "data.root={bad}/magic",
@@ -289,15 +353,12 @@ BAD = [  # (command, the words the one sentence must hold)
     (["cnnrnn.train", "task=cnn", "data.root={bad}/labels",
       "hydra.run.dir={bad}/runs-labels"], "label 12, outside 0..9"),
     (["cnnrnn.train", "task=cnn", "hydra.run.dir={bad}/run"], "already holds a run"),
-    (["cnnrnn.train", "resume={bad}/empty"], "has no checkpoints/last.pt"),
-    (["cnnrnn.train", "resume={bad}/run"], "has no checkpoints/last.pt"),
+    (["cnnrnn.train", "resume="], "resume= is not a folder"),
+    (["cnnrnn.train", "resume={bad}/empty"], "has neither checkpoints/last.pt nor .hydra/config.yaml"),
+    (["cnnrnn.train", "resume={bad}/run", "hydra.run.dir={bad}/elsewhere"], "drop hydra.run.dir"),
     (["cnnrnn.evaluate", "{bad}/ckpt/missing.pt"], "does not exist"),
-    (["cnnrnn.evaluate", "{bad}/ckpt/empty.pt"], "is empty"),
-    (["cnnrnn.evaluate", "{bad}/ckpt/truncated.pt"], "not a readable checkpoint"),
-    (["cnnrnn.evaluate", "{bad}/ckpt/text.pt"], "not a readable checkpoint"),
-    (["cnnrnn.evaluate", "{bad}/ckpt/plain.pt"], "not a cnnrnn checkpoint"),
     (["cnnrnn.evaluate", "{bad}/ckpt/damaged.pt"], "damaged.pt is damaged"),
-    (["cnnrnn.evaluate", "{bad}/ckpt/string.pt"], "string.pt holds a 'config' of type str"),
+    (["cnnrnn.evaluate", "{bad}/ckpt/int.pt"], "as torch.int64, where the model keeps torch.float32"),
     (["cnnrnn.evaluate", "{bad}/ckpt/multi.pt", "--grid", "17"], "--grid 17 must be from 1 to 16"),
     (["cnnrnn.evaluate", "{bad}/ckpt/full.pt", "--grid", "3"], "--grid and --max-items are for composites"),
     (["cnnrnn.predict", "{bad}/ckpt/alien.pt", "{bad}/images"], "do not fit a lstm model"),
@@ -307,34 +368,22 @@ BAD = [  # (command, the words the one sentence must hold)
     (["cnnrnn.predict", "{bad}/ckpt/multi.pt", "{bad}/big.png", "--max-items", "0"], "--max-items 0 must be at"),
     (["cnnrnn.predict", "{bad}/ckpt/full.pt", "{bad}/big.png", "--max-items", "2"], "--max-items caps the label"),
     (["cnnrnn.predict", "{bad}/m.onnx", "{bad}/big.png", "--max-items", "2"], "--max-items needs a checkpoint"),
-    # run dirs and early checks
+    # run dirs, caches and early checks
     (["cnnrnn.train", "task=cnn", "data.root={bad}/run", "hydra.run.dir=${{data.root}}"], "already holds a run"),
     (["cnnrnn.train", "task=cnn", "hydra.run.dir={bad}/empty/../run"], "already holds a run"),
     (["cnnrnn.train", "task=cnn", "hydra.run.dir={bad}/images"], "is a folder of other files (notes.png)"),
     (["cnnrnn.train", "task=cnn", "hydra.run.dir={bad}/ckpt/text.pt"], "is a file, not a folder"),
     (["cnnrnn.train", "task=cnn", "hydra.run.dir=/proc/cnnrnn/run"], "Cannot create the run folder /proc/cnnrnn/run"),
+    (["cnnrnn.train", "task=cnn", f"hydra.run.dir={{bad}}/{'x' * 300}"], "is too long a path for this file system"),
     (["cnnrnn.train", "task=cnn", "hydra.run.dir={bad}/${{nope}}"], "Cannot resolve hydra.run.dir"),
     (["cnnrnn.train", "-m", "task=cnn", "seed=1,2", "hydra.sweep.dir={bad}/images"], "hydra.sweep.dir="),
-    (["cnnrnn.train", "trainer.epochs=${{nope}}"], "Cannot resolve trainer.epochs (Interpolation key 'nope'"),
-    (["cnnrnn.train", "seed=-1"], "seed=-1 must be between 0 and 2147483647"),
-    (["cnnrnn.train", "seed=1099511627776"], "seed=1099511627776 must be between 0 and"),
-    (["cnnrnn.train", "data.seed=4294967296"], "data.seed=4294967296 must be between 0 and"),
-    (["cnnrnn.train", "optim.lr=inf"], "optim.lr=inf must be a finite number"),
-    (["cnnrnn.train", "optim.lr=nan"], "optim.lr=nan must be a finite number"),
-    (["cnnrnn.train", "optim.warmup_epochs=-inf"], "optim.warmup_epochs=-inf must be a finite number"),
-    (["cnnrnn.train", "optim.name=sgd", "optim.momentum=0"], "optim.momentum=0.0 must be in (0, 1)"),
-    (["cnnrnn.train", "optim.momentum=1.5"], "optim.momentum=1.5 must be in (0, 1)"),
-    (["cnnrnn.train", "task=cnn", "model.hidden=0"], "model.hidden=0 must be at least 1"),
-    (["cnnrnn.train", "task=lstm", "model.hidden=0"], "model.hidden=0 must be at least 1"),
-    (["cnnrnn.train", "task=lstm", "model.layers=0"], "model.layers=0 must be at least 1"),
-    (["cnnrnn.train", "task=multilabel", "model.channels=[0,64]"], "model.channels=[0, 64] must be at least 1"),
-    (["cnnrnn.train", "task=multilabel_bce", "model.cell_dim=-4"], "model.cell_dim=-4 must be at least 1"),
+    (["cnnrnn.train", "task=multilabel", "reader.cache={bad}/ckpt/text.pt/readers"], "is a file, not a folder"),
     (["cnnrnn.train", "task=cnn", "model.channels=[8,8,8,8,8,8]"], "make a model that torch rejects"),
     (["cnnrnn.train", "task=multilabel", "model.init_from={bad}/ckpt/missing.pt"], "does not exist"),
     (["cnnrnn.train", "task=multilabel_bce", "model.init_from={bad}/ckpt/alien.pt"], "do not fit a lstm model"),
     (["cnnrnn.train", "task=multilabel", "model.init_from={bad}/ckpt/multi.pt"], "but a reader is a single-label"),
+    (["cnnrnn.train", "task=multilabel", "model.init_from={bad}/ckpt/split.pt"], "another split of the items"),
     (["cnnrnn.train", "data.scene=outfitt"], "data.scene=outfitt: no scene file"),
-    (["cnnrnn.train", "trainer.amp=maybe"], "trainer.amp='maybe' must be of type bool"),
     *([(["cnnrnn.train", "task=cnn", "trainer.device=cuda", "trainer.amp=false", "hydra.run.dir={bad}/runs-cuda"],
         "no CUDA device is available")] if not torch.cuda.is_available() else []),
     # inference
@@ -346,7 +395,8 @@ BAD = [  # (command, the words the one sentence must hold)
     (["cnnrnn.export", "{bad}/ckpt/full.pt", "{bad}/m.onnx", "--opset", "99"], "--opset 99 is outside"),
     (["cnnrnn.compare", "{bad}/run", "--out", "{bad}/images/notes.png/out"], "is a file, not a folder"),
     (["cnnrnn.compare", "{bad}/mine"], "holds a table.md that compare did not write"),
-    (["cnnrnn.bench", "--steps", "0"], "--steps 0 must be at least 1"),
+    (["cnnrnn.compare", "{bad}/mine/job", "--out", "{bad}/stopped"], "is a run dir or a cache of readers"),
+    (["cnnrnn.bench", "--seconds", "0"], "--seconds 0 must be more than 0"),
     (["cnnrnn.bench", "--batch-sizes", "32,-4"], "each must be between 1 and"),
     (["cnnrnn.bench", "--json", "{bad}/missing/bench.json"], "does not exist; create it first"),
     (["cnnrnn.demo", "{bad}/images"], "is a folder of other files (notes.png)"),
@@ -407,7 +457,7 @@ def test_hydras_own_answers_print_the_config_and_the_help(tmp_path):
     job = cli("cnnrnn.train", "task=cnn", "trainer.epochs=3", "--cfg", "job", cwd=tmp_path)
     assert job.returncode == 0, job.stderr
     printed = yaml.safe_load(job.stdout)
-    assert printed["task"] == "cnn" and printed["trainer"]["epochs"] == 3 and printed["model"]["name"] == "cnn"
+    assert printed["task"] == "cnn" and printed["trainer"]["epochs"] == 3 and "name" not in printed["model"]
     assert cli("cnnrnn.train", "--help", cwd=tmp_path).returncode == 0 and list(tmp_path.iterdir()) == []
 
 
@@ -473,7 +523,7 @@ def same_as_uninterrupted(out: Path, reference: Path) -> None:
     assert comparable(json.loads((out / "metrics.json").read_text())) == comparable(
         json.loads((reference / "metrics.json").read_text()))
     final, expected = (checkpoint.load(d / "checkpoints" / "last.pt") for d in (out, reference))
-    assert final["state"]["global_step"] == expected["state"]["global_step"] and final["state"]["finished"]
+    assert final["state"]["global_step"] == expected["state"]["global_step"] and (out / "metrics.json").is_file()
     for name in ("model", "train_model"):
         assert all(torch.equal(final[name][k], v) for k, v in expected[name].items()), name
     assert scalars(out, "train/loss") == scalars(reference, "train/loss")  # each step once, the same values
@@ -513,14 +563,14 @@ def test_a_signal_mid_epoch_saves_says_so_and_resumes_exactly(interrupted, case)
 def test_two_runs_started_at_once_into_one_folder(tmp_path):
     out = tmp_path / "run"
     args = ["task=cnn", "trainer.epochs=1", "data.limit=600", "data.val_size=100", "data.train_eval_size=100",
-            "data.test_size=100", "trainer.batch_size=100", "trainer.progress=false", "trainer.threads=1"]
+            "trainer.batch_size=100", "trainer.progress=false", "trainer.threads=1"]
     procs = [start(args, out), start(args, out)]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     assert sorted(code for code, _ in results) == [0, 2], results
     err = next(err for code, err in results if code == 2)
     assert "is being written by another run" in one_error(err) or "already holds a run" in one_error(err)
     log = (out / "train.log").read_text()
-    assert log.count("task=cnn model=cnn") == 1 and "ERROR" not in log  # one run wrote it all
+    assert log.count("task=cnn params=") == 1 and "ERROR" not in log  # one run wrote it all
     assert len(list(out.glob("events.out.tfevents.*"))) == 2  # the run's own two (epochs, then hparams)
     assert (out / "metrics.json").is_file() and sorted(p.name for p in (out / ".hydra").iterdir()) == [
         "config.yaml", "overrides.yaml"]

@@ -273,7 +273,7 @@ def frozen_setup(root: Path, out: Path, **groups):
     """The set-up of a composite run whose reader stage has run (trained once a session in its cache)."""
     cfg, needed = stages.prepare(tiny(root, "multilabel", **groups), out)
     for stage in needed:
-        stages.train_cached(stage.cfg, stage.folder)
+        stages.train_stage(stage)
     return training.setup(cfg, out)
 
 

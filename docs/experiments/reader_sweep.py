@@ -26,7 +26,7 @@ def run_job(job, dev):
     data = fashion_mnist.splits("data/", 5000)
     tr, va, te = (data[k].to(dev) for k in ("train", "val", "test"))
     if job.get("oldcnn"):  # the package's SmallCNN, as task=reader builds it
-        model = SmallCNN(channels=(32, 64), convs=2, hidden=256, dropout=0.3, pool_first=True)
+        model = SmallCNN(channels=(32, 64), convs=2, hidden=256, dropout=0.3)
     else:
         model = resnet_reader(job["widths"], job["blocks"], job.get("dropout", 0.0), job.get("hidden", 0))
     model = model.to(dev, memory_format=torch.channels_last)
@@ -46,7 +46,20 @@ def run_job(job, dev):
             return (s + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total - warm))))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    aug = Augment(hflip=0.5, shift=job["shift"], erase=job["erase"])
+    flip_shift = Augment(hflip=0.5, shift=job["shift"])
+
+    def aug(images, seed):  # random erasing (lost here, so no longer in the package) after flips and shifts
+        g = torch.Generator().manual_seed(seed + 1)
+        images = flip_shift(images, seed)
+        n = len(images)
+        on = (torch.rand(n, generator=g) < job["erase"]).to(images.device)
+        h, w = torch.randint(4, 13, (2, n), generator=g).to(images.device)
+        y0 = (torch.rand(n, generator=g).to(images.device) * (29 - h)).long()
+        x0 = (torch.rand(n, generator=g).to(images.device) * (29 - w)).long()
+        r = torch.arange(28, device=images.device)
+        box = (((r >= y0[:, None]) & (r < (y0 + h)[:, None]))[:, :, None]
+               & ((r >= x0[:, None]) & (r < (x0 + w)[:, None]))[:, None, :])
+        return images.masked_fill(box & on[:, None, None], 0)
     norm = lambda im: ((im.float() / 255 - MEAN) / STD).unsqueeze(1).contiguous(memory_format=torch.channels_last)
     ema_params = [t for t in (*ema.parameters(), *ema.buffers())]
     cur_params = [t for t in (*model.parameters(), *model.buffers())]
