@@ -26,7 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from cnnrnn import build
 from cnnrnn.config import MAX_BATCH, preset
 from cnnrnn.data.composite import CompositeSource
-from cnnrnn.data.fashion_mnist import CLASSES, Split
+from cnnrnn.data.fashion_mnist import CLASSES, FORMAT
+from cnnrnn.data.items import Split
 from cnnrnn.data.loader import ItemSource
 from cnnrnn.engine import autocast, keep_freed_memory, resolve_amp, to_device
 from cnnrnn.errors import UserError, fail, refusals
@@ -56,7 +57,7 @@ def matmul_peak(dtype=torch.float32, n: int = 2048, device=torch.device("cpu")) 
 def fake_source(composites: bool, n: int = 4096):
     """Random items in memory, shaped as the real data (the speed does not depend on the pixels)."""
     g = torch.Generator().manual_seed(0)
-    split = Split(torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g),
+    split = Split(torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g),
                   torch.randint(0, len(CLASSES), (n,), generator=g))
     return CompositeSource(split, n, grid=2, min_items=1, max_items=4, seed=0) if composites else ItemSource(split)
 
@@ -66,7 +67,7 @@ def onnx_infer_rate(cfg, model, batch: dict, min_time: float) -> float:
     from cnnrnn import export
     from cnnrnn.inference import OnnxModel
 
-    task = make_task(cfg)
+    task = make_task(cfg, FORMAT)
     with tempfile.TemporaryDirectory() as tmp:
         path = export.export(model, task, Path(tmp) / "model.onnx", task.side(cfg), export.metadata(cfg, task))
         onnx_model = OnnxModel(path, threads=torch.get_num_threads())
@@ -85,8 +86,8 @@ def bench_model(name: str, batch_size: int, min_time: float, peak: float, amp: b
     """One model's record; amp None means the setting training uses (engine.resolve_amp of the task's)."""
     cfg = preset(MODELS[name], trainer={"batch_size": batch_size})
     amp = resolve_amp(cfg.trainer.amp, device) if amp is None else amp
-    task = make_task(cfg)
-    model = build.model(cfg).to(device, memory_format=torch.channels_last)  # as in training
+    task = make_task(cfg, FORMAT)
+    model = build.model(cfg, FORMAT).to(device, memory_format=torch.channels_last)  # as in training
     optimizer, scheduler = build.optimizer(cfg, model, steps_per_epoch=1000)
     source = fake_source(task.composite, max(4096, 2 * batch_size))  # a whole batch, and more for the data path
     order = source.order(0)

@@ -4,23 +4,41 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from cnnrnn import checkpoint
 from cnnrnn.config import MODEL_OF, Config, from_dict
-from cnnrnn.data.fashion_mnist import CLASSES
+from cnnrnn.data import fashion_mnist
+from cnnrnn.data.items import Format
 from cnnrnn.errors import UserError
 from cnnrnn.models import build_model
 from cnnrnn.models.cnn import SmallCNN
 from cnnrnn.tasks import Task, make_task
 
 
-def model(cfg: Config) -> nn.Module:
-    # decoding stops at END or after one label per cell of the largest training grid (tasks.LabelSequence passes
-    # each picture's own number of cells instead)
-    return build_model(MODEL_OF[cfg.task], **cfg.model, num_classes=len(CLASSES), max_labels=max(cfg.data.grids) ** 2)
+def model(cfg: Config, fmt: Format) -> nn.Module:
+    """The task's model for items of `fmt`. Decoding stops at END or after one label per cell of the largest training
+    grid (tasks.LabelSequence passes each picture's own limit instead)."""
+    keys = {**cfg.model, "encoder": encoder(cfg, fmt)} if "encoder" in cfg.model else cfg.model
+    return build_model(MODEL_OF[cfg.task], **keys, num_classes=len(fmt.classes), max_labels=max(cfg.data.grids) ** 2,
+                       side=fmt.size, width=fmt.channels * fmt.size, in_channels=fmt.channels)
+
+
+def encoder(cfg: Config, fmt: Format) -> str:
+    """model.encoder, or for auto what the data allow: cells for a grid of items, the picture encoder for pictures
+    without cells (a CSV of pictures, items scattered at free positions)."""
+    if cfg.model["encoder"] != "auto":
+        return cfg.model["encoder"]
+    return "picture" if fmt.picture or cfg.data.layout == "scatter" else "cells"
+
+
+def provisional(cfg: Config) -> Format:
+    """The Format a run's data will have, before it is read: Fashion-MNIST's, or a user's size and channels."""
+    d = cfg.data
+    return fashion_mnist.FORMAT if d.source == "fashion_mnist" else Format(("a", "b"), d.size, d.channels)
 
 
 def optimizer(cfg: Config, net: nn.Module, steps_per_epoch: int):
@@ -63,13 +81,13 @@ def check_sizes(cfg: Config, per_epoch: int, world: int = 1) -> None:
 
 def from_checkpoint(state: dict, path, device: torch.device | str = "cpu"):
     """(config, model in eval mode, task) of a loaded checkpoint; a sentence if any of it does not fit."""
-    values = checkpoint.entry(state, "config", dict, path)
+    values, items = checkpoint.entry(state, "config", dict, path), checkpoint.entry(state, "items", dict, path)
     try:
-        cfg = from_dict(values)
-    except UserError as exc:
-        raise UserError(f"{path} carries a config this version refuses ({str(exc).rstrip('.')}); use a checkpoint "
-                        f"written by this version of cnnrnn.") from None
-    net = model(cfg)
+        cfg, fmt = from_dict(values), Format.from_dict(items)
+    except (UserError, TypeError, ValueError) as exc:
+        raise UserError(f"{path} carries a config or format this version refuses ({str(exc).rstrip('.')}); use a "
+                        f"checkpoint written by this version of cnnrnn.") from None
+    net = model(cfg, fmt)
     weights = checkpoint.entry(state, "model", dict, path)
     broken = next((k for k, v in weights.items() if torch.is_tensor(v) and v.is_floating_point()
                    and not torch.isfinite(v).all()), None)
@@ -93,7 +111,7 @@ def from_checkpoint(state: dict, path, device: torch.device | str = "cpu"):
     # run's numbers exactly (under bf16 the other layout moves test/map and test/loss)
     net = net.to(device, memory_format=torch.channels_last).eval()
     task_state = checkpoint.entry(state, "task_state", dict, path, default={})
-    return cfg, net, make_task(cfg, state=task_state)
+    return cfg, net, make_task(cfg, fmt, state=task_state)
 
 
 def reader_model(path, device: torch.device | str = "cpu", what: str = "model.init_from",
@@ -105,18 +123,27 @@ def reader_model(path, device: torch.device | str = "cpu", what: str = "model.in
     if not isinstance(net, SmallCNN):
         raise UserError(f"{what}={path} holds a task={cfg.task} model, but a reader is a single-label cnn; give the "
                         f"checkpoints/best.pt of a task=reader (or task=cnn) run.")
-    mine = split and (split.data.val_size, split.data.seed)
-    if mine and (cfg.data.val_size, cfg.data.seed) != mine:
-        raise UserError(f"{what}={path} was trained on another split of the items (data.val_size={cfg.data.val_size}"
-                        f", data.seed={cfg.data.seed}; this run: {mine[0]}, {mine[1]}), so some of its training items "
-                        f"are this run's validation items; give a reader of this split, or set the same split.")
+    mine, its = split and split_of(split.data), split_of(cfg.data)
+    if mine and mine[:2] == its[:2] and mine != its:  # the same items split otherwise (other data is welcome)
+        raise UserError(f"{what}={path} was trained on another split of the items (data.val_size={its[2]}, "
+                        f"data.seed={its[3]}; this run: {mine[2]}, {mine[3]}), so some of its training items are this "
+                        f"run's validation items; give a reader of this split, or set the same split.")
     return net
 
 
+def split_of(d) -> tuple:
+    """What fixes which items are training and which validation items."""
+    return d.source, d.path and str(Path(d.path).resolve()), d.val_size, d.seed  # data.root: the same items
+
+
 def init_encoder(net: nn.Module, reader: SmallCNN, path) -> None:
-    """Copy a reader (read from `path`) into a composite model's reader, exactly; a sentence if its shape differs."""
+    """Copy a reader (read from `path`) into a composite model's reader, exactly, but for its head where the classes
+    are other ones (a reader of other data: the head stays as initialised); a sentence if its shape differs."""
+    own = net.reader.state_dict()
+    weights = {k: v for k, v in reader.state_dict().items()
+               if not k.startswith("head.") or k in own and own[k].shape == v.shape}
     try:
-        net.reader.load_state_dict(reader.state_dict())
+        net.reader.load_state_dict({**own, **weights})
     except RuntimeError:
         raise UserError(f"model.init_from={path} is a reader of another shape than this model's; train it with the "
                         f"same model.channels, model.convs and hidden = model.cell_dim.") from None
@@ -128,7 +155,7 @@ def probe(cfg: Config, task: Task) -> None:
     try:
         with warnings.catch_warnings():  # a zero-element layer warns first, then fails below
             warnings.simplefilter("ignore")
-            net = model(cfg)
+            net = model(cfg, task.fmt)
         optimizer(cfg, net, 1)
         with torch.no_grad():
             task.loss(net.eval(), task.blank_batch(cfg))
@@ -138,14 +165,30 @@ def probe(cfg: Config, task: Task) -> None:
                         f"({reason}); compare them with `python -m cnnrnn.train task={cfg.task} --cfg job`.") from None
 
 
+def check_pictures(d) -> None:
+    """A user's folder or CSV listed and checked, and the cache of its pictures usable, before any work."""
+    from cnnrnn.cache import Cache
+    from cnnrnn.data import folder
+
+    if not Path(d.path).exists():
+        raise UserError(f"data.path={d.path} does not exist; give the folder or the CSV file of your pictures.")
+    listing = folder.listing_of(d)
+    if d.cache:
+        Cache(d.cache, "data.cache").check(folder.cache_key(d, listing))
+
+
 def preflight(cfg: Config) -> None:
     """Check the model and every file a run will read (scene, model.init_from) before any work."""
     from cnnrnn.ranks import pick_device
 
     pick_device(cfg.trainer.device)  # a GPU asked for where there is none: before the reader stage's folder
-    task = make_task(cfg)
+    fmt = provisional(cfg)
+    if cfg.data.source != "fashion_mnist":
+        check_pictures(cfg.data)
+    task = make_task(cfg, fmt)
     probe(cfg, task)
-    task.scene_spec(cfg)
+    if cfg.data.source == "fashion_mnist":  # a user's scene is checked against the data's own class names
+        task.scene_spec(cfg)
     if cfg.model.get("init_from"):
-        init_encoder(model(cfg), reader_model(cfg.model["init_from"], split=cfg), cfg.model["init_from"])
+        init_encoder(model(cfg, fmt), reader_model(cfg.model["init_from"], split=cfg), cfg.model["init_from"])
 

@@ -40,7 +40,7 @@ def save(path: str | Path, state: dict) -> None:
     full disk into an opaque RuntimeError."""
     path = Path(path)
     data = io.BytesIO()
-    torch.save({"format": FORMAT, **state}, data)
+    torch.save({**state, "format": FORMAT}, data)
     then = "resume" if (path.parent / "last.pt").is_file() else "start again"
     write_atomic(path, data.getvalue(), what="the checkpoint", then=f"free space or fix the folder, then {then}")
 

@@ -54,21 +54,40 @@ class Optim:
 
 @dataclass
 class Data:
-    root: str = "data/"
+    source: str = "fashion_mnist"          # fashion_mnist | folder (class folders) | csv (files and labels)
+    path: typing.Optional[str] = None      # the folder or the CSV file of a user's pictures (docs/your-data.md)
+    root: str = "data/"                    # where Fashion-MNIST's files are, or go
+    kind: str = "auto"                     # a CSV's rows: auto (pictures if a row has several labels) | items | pictures
+    label_sep: str = " "                   # between the labels of a CSV row
+    size: int = 28                         # a user's items: pictures made size x size (aspect kept, background padded);
+                                           # for multi-label pictures, the side of the windows the reader slides
+    picture_size: int = 64                 # multi-label pictures (a CSV's, or data.layout=scatter's canvas) made this
+                                           # size x size
+    layout: str = "grid"                   # composites: items in the cells of a grid, or scattered (free positions)
+    clutter: int = 0                       # scattered composites: fragments of other items per item, as clutter
+    channels: int = 1                      # 1 (gray) or 3 (RGB)
+    skip_bad: bool = False                 # leave out files Pillow cannot read (counted in one warning) instead of stopping
+    cache: typing.Optional[str] = "runs/cache"  # where a user's pictures are kept once decoded, reused by every run
+                                           # on the same files, conversion and split; null = decode every time
     limit: typing.Optional[int] = None     # use only the first N training items
-    val_size: int = 5000                   # held out of the training items, stratified
+    val_size: typing.Any = None            # held out of the training items, stratified: a count or a share; null =
+                                           # 5,000 for Fashion-MNIST, else 10% (at least one per class, at most 5,000)
     seed: int = 0                          # fixes the validation split and the val/test composites for every run
     train_eval_size: int = 5000            # fixed training items scored each epoch, for train curves comparable to val
     augment: bool = True                   # train-time changes of every item (val/test never): the keys below
-    hflip: float = 0.5                     # probability of a horizontal flip
+    hflip: typing.Optional[float] = None   # probability of a horizontal flip; null = 0.5 where a mirrored item keeps
+                                           # its class (Fashion-MNIST), else 0 (a mirrored digit is another class)
     shift: int = 0                         # pixels of random shift (crop with padding), inside the item's cell
     grid: typing.Any = 2                   # composites: grid x grid cells of 28x28; a list, e.g. [2,3], mixes sizes
     eval_grid: typing.Optional[int] = None  # validation/test grid; null = data.grid (the largest of a list)
     repeats: float = 0.0                   # probability that an item takes the class of an earlier item (counting)
     min_items: int = 1
     max_items: int = 4
-    test_size: int = 10000                 # composites drawn for test (validation: val_size)
-    epoch_size: typing.Optional[int] = None  # training composites per epoch; null = number of training items
+    test_size: int = 10000                 # composites drawn for test
+    val_composites: typing.Optional[int] = None  # composites drawn for validation; null = the validation items (a
+                                           # user's data: at least 2,000)
+    epoch_size: typing.Optional[int] = None  # training samples per epoch; null = the training items (a user's data:
+                                           # at least 20,000)
     scene: str = "uniform"                 # which items go together: uniform, or a scene file (configs/scene/NAME.yaml)
     degrade: float = 0.0                   # blur, noise and occlusion of every item, train and test; 0 = off
 
@@ -95,7 +114,8 @@ class Reader:
 
 @dataclass
 class Eval:
-    tta: bool = True                       # test-time flips: each image's predictions averaged with its mirror image's
+    tta: typing.Optional[bool] = None      # test-time flips: each image's predictions averaged with its mirror
+                                           # image's; null = where a mirrored item keeps its class (Fashion-MNIST)
 
 
 @dataclass
@@ -144,7 +164,8 @@ PRESETS: dict[str, dict] = {
 }
 # Keys that mean something only for composites: a single-label task has none of them.
 COMPOSITE_ONLY = ("reader", "optim.reader_lr", "data.grid", "data.eval_grid", "data.repeats", "data.min_items",
-                  "data.max_items", "data.test_size", "data.epoch_size", "data.scene")
+                  "data.max_items", "data.test_size", "data.val_composites", "data.scene", "data.picture_size",
+                  "data.layout", "data.clutter")
 
 
 def _drop(values: dict, keys) -> None:
@@ -277,10 +298,12 @@ def validate(cfg: Config) -> Config:
     _require(o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip={o.grad_clip} must be positive or null.")
     _require(0 <= o.label_smoothing < 1, f"optim.label_smoothing={o.label_smoothing} must be in [0, 1).")
     _require(0 <= o.reader_lr <= 1, f"optim.reader_lr={o.reader_lr} must be a share of optim.lr in [0, 1].")
+    validate_data(d)
     _require(d.limit is None or d.limit >= 1, f"data.limit={d.limit} must be at least 1 or null.")
-    _require(d.val_size >= 1, f"data.val_size={d.val_size} must be at least 1.")
     _require(d.train_eval_size >= 0, f"data.train_eval_size={d.train_eval_size} must be 0 or more.")
-    _require(0 <= d.hflip <= 1, f"data.hflip={d.hflip} is a probability in [0, 1].")
+    _require(d.hflip is None or 0 <= d.hflip <= 1, f"data.hflip={d.hflip} is a probability in [0, 1], or null.")
+    _require(d.epoch_size is None or 1 <= d.epoch_size <= MAX_PICTURES, f"data.epoch_size={d.epoch_size} must be "
+             f"from 1 to {MAX_PICTURES:,}, or null.")
     _require(0 <= d.shift <= 8, f"data.shift={d.shift} must be between 0 and 8 pixels.")
     _require(0 <= d.degrade <= 1, f"data.degrade={d.degrade} must be a strength in [0, 1] (0 = off).")
     if MODELS[MODEL_OF[cfg.task]].kind != "single":
@@ -289,29 +312,64 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def validate_data(d: Data) -> None:
+    """Where the items come from and what they are made."""
+    _require(d.source in ("fashion_mnist", "folder", "csv"), f"data.source={d.source!r} must be fashion_mnist, "
+             f"folder or csv.")
+    if d.source == "fashion_mnist":
+        _require(d.path is None, f"data.path={d.path} is for data.source=folder or csv; add data.source=folder (a "
+                 f"folder of class folders) or data.source=csv.")
+        _require((d.size, d.channels) == (28, 1), "Fashion-MNIST items are 28x28 gray: data.size and data.channels "
+                 "are for a user's pictures (data.source=folder or csv).")
+    else:
+        _require(bool(d.path), f"data.source={d.source} needs data.path, the {d.source} of your pictures.")
+    _require(d.kind in ("auto", "items", "pictures"), f"data.kind={d.kind!r} must be auto, items or pictures.")
+    _require(8 <= d.size <= 256, f"data.size={d.size} must be from 8 to 256 pixels.")
+    _require(d.channels in (1, 3), f"data.channels={d.channels} must be 1 (gray) or 3 (RGB).")
+    _require(d.size <= d.picture_size <= 512, f"data.picture_size={d.picture_size} must be from data.size "
+             f"({d.size}) to 512 pixels.")
+    v = d.val_size
+    _require(v is None or isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_PICTURES or
+             isinstance(v, float) and 0 < v < 1, f"data.val_size={v!r} must be a count (at least 1), a share in "
+             f"(0, 1), or null.")
+
+
 def validate_composites(cfg: Config) -> None:
     d = cfg.data
+    _require(d.layout in ("grid", "scatter"), f"data.layout={d.layout!r} must be grid or scatter.")
+    _require(0 <= d.clutter <= 8, f"data.clutter={d.clutter} must be from 0 to 8 fragments per item.")
+    _require(1 <= d.min_items, f"data.min_items={d.min_items} must be at least 1.")
+    _require(d.min_items <= d.max_items, f"data.min_items={d.min_items} is larger than data.max_items="
+             f"{d.max_items}; make min_items <= max_items.")
+    if d.layout == "scatter":
+        room = ((d.picture_size - d.size) // (d.size // 2) + 1) ** 2 // 2  # items that fit, a quarter overlapping
+        _require(d.max_items <= room, f"data.max_items={d.max_items} items do not fit on a {d.picture_size}x"
+                 f"{d.picture_size} canvas without overlapping more than a quarter; at most {room}.")
+        _require(d.scene == "uniform" and not d.degrade and cfg.model.get("encoder") != "cells", "data.layout=scatter "
+                 "draws uniform items, not degraded ones, for the picture encoder: drop data.scene, data.degrade and "
+                 "model.encoder=cells.")
+    else:
+        validate_grids(d)
+    _require(0 <= d.repeats <= 1, f"data.repeats={d.repeats} must be a probability in [0, 1] (0 = off).")
+    for key, value in (("data.test_size", d.test_size), ("data.val_composites", d.val_composites or 1)):
+        _require(1 <= value <= MAX_PICTURES, f"{key}={value} must be from 1 to {MAX_PICTURES:,} composites.")
+    _require(bool(d.scene), "data.scene must name a scene: uniform, or a file under configs/scene/.")
+    _require(cfg.reader.epochs is None or 1 <= cfg.reader.epochs <= MAX_EPOCHS, f"reader.epochs={cfg.reader.epochs} "
+             f"must be from 1 to {MAX_EPOCHS:,}, or null.")
+
+
+def validate_grids(d: Data) -> None:
     grids = d.grid if isinstance(d.grid, (list, tuple)) else [d.grid]
     _require(len(grids) >= 1 and all(isinstance(g, int) and not isinstance(g, bool) and 1 <= g <= MAX_GRID
                                      for g in grids),
              f"data.grid={d.grid!r} must be a grid size from 1 to {MAX_GRID}, or a list of them (e.g. [2,3]).")
     _require(d.eval_grid is None or 1 <= d.eval_grid <= MAX_GRID, f"data.eval_grid={d.eval_grid} must be from 1 to "
              f"{MAX_GRID}, or null.")
-    _require(1 <= d.min_items, f"data.min_items={d.min_items} must be at least 1.")
-    _require(d.min_items <= d.max_items, f"data.min_items={d.min_items} is larger than data.max_items="
-             f"{d.max_items}; make min_items <= max_items.")
     g = max(grids)  # with mixed grids, a smaller grid's composites hold at most its number of cells
     _require(d.max_items <= g ** 2, f"data.max_items={d.max_items} is more items than the "
              f"{g}x{g} grid has cells; lower it or raise data.grid.")
     _require(d.min_items <= min(grids) ** 2, f"data.min_items={d.min_items} is more items than the "
              f"{min(grids)}x{min(grids)} grid has cells; lower it or drop that grid from data.grid.")
-    _require(0 <= d.repeats <= 1, f"data.repeats={d.repeats} must be a probability in [0, 1] (0 = off).")
-    for key, value in (("data.test_size", d.test_size), ("data.epoch_size", d.epoch_size or 1),
-                       ("data.val_size", d.val_size)):
-        _require(1 <= value <= MAX_PICTURES, f"{key}={value} must be from 1 to {MAX_PICTURES:,} composites.")
-    _require(bool(d.scene), "data.scene must name a scene: uniform, or a file under configs/scene/.")
-    _require(cfg.reader.epochs is None or 1 <= cfg.reader.epochs <= MAX_EPOCHS, f"reader.epochs={cfg.reader.epochs} "
-             f"must be from 1 to {MAX_EPOCHS:,}, or null.")
 
 
 def from_dict(values: dict) -> Config:

@@ -66,18 +66,17 @@ def open_folder(folder: Path) -> Claim:
 
 def write_pictures(folder: Path, cfg, count: int) -> dict:
     """The first `count` test composites of the run as PNG files, with their true label names."""
-    from cnnrnn.data import fashion_mnist
+    from cnnrnn.data import sources
     from cnnrnn.tasks import make_task
 
-    task = make_task(cfg)
-    splits = fashion_mnist.splits(cfg.data.root, cfg.data.val_size, cfg.data.limit, cfg.data.seed)
-    test = task.sources(cfg, splits).test
+    splits, fmt = sources.load(cfg.data)
+    test = make_task(cfg, fmt).sources(cfg, splits).test
     batch = test.batch(test.order(None)[:count])
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"composite_{i}.png" for i in range(count)]
     for path, image in zip(paths, batch["image"]):
-        write_atomic(path, lambda tmp, image=image: Image.fromarray(image.numpy()).save(tmp, format="PNG"))
-    truth = [[fashion_mnist.CLASSES[c] for c in row.nonzero().flatten().tolist()] for row in batch["labels"]]
+        write_atomic(path, lambda tmp, image=image: Image.fromarray(image[0].numpy()).save(tmp, format="PNG"))
+    truth = [[fmt.classes[c] for c in row.nonzero().flatten().tolist()] for row in batch["labels"]]
     return {"paths": paths, "images": batch["image"], "truth": truth}
 
 

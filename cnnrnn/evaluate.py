@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from cnnrnn import build, checkpoint
-from cnnrnn.data import fashion_mnist
+from cnnrnn.data import folder, sources
 from cnnrnn.data.composite import MAX_GRID
 from cnnrnn.engine import resolve_amp, score
 from cnnrnn.errors import UserError, fail, refusals
@@ -46,7 +46,7 @@ def on_grid(cfg, task, grid: int | None, max_items: int | None):
         return cfg
     if not task.composite:
         raise UserError(f"--grid and --max-items are for composites, but this checkpoint holds a single-label "
-                        f"task={cfg.task} model that reads one 28x28 item; drop them.")
+                        f"task={cfg.task} model that reads one item; drop them.")
     d = cfg.data
     grid = grid or d.test_grid
     if max_items is None:  # the run's own test distribution on its grid, every cell count on another
@@ -61,51 +61,44 @@ def on_grid(cfg, task, grid: int | None, max_items: int | None):
     return dataclasses.replace(cfg, data=data)
 
 
-def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: str | None = None,
-                        oracle: str | None = None, grid: int | None = None, max_items: int | None = None) -> dict:
+def evaluate_checkpoint(path: str | Path, data: str | None = None, device: str | None = None,
+                        grid: int | None = None, max_items: int | None = None) -> dict:
     """The run's metrics.json as this checkpoint gives it: test/* (and oracle/*) recomputed, the rest carried;
-    with `grid` / `max_items`, on test composites of that grid / with at most that many items instead."""
+    with `data`, on the test items of that folder or CSV; with `grid` / `max_items`, on test composites of that
+    grid / with at most that many items instead."""
     if str(path).lower().endswith(".onnx"):
         raise UserError(f"{path} is an exported ONNX model, but evaluate reads checkpoints; give the run's "
                         f"checkpoints/best.pt (predict reads .onnx files).")
-    if data_root is not None and not Path(data_root).is_dir():
-        # the loader would fall back to other places silently: a folder named on purpose must be that folder
-        raise UserError(f"--data-root {data_root} is not a folder; give the folder that holds the four "
-                        f"Fashion-MNIST files.")
+    if data is not None and not Path(data).exists():
+        raise UserError(f"--data {data} does not exist; give a folder of class folders or a CSV of your pictures.")
     state = checkpoint.load(path)
     cfg, model, task = build.from_checkpoint(state, path)
     cfg = on_grid(cfg, task, grid, max_items)
-    if oracle and not task.composite:
-        raise UserError(f"--oracle scores multi-label checkpoints against the tile oracle, but {path} holds a "
-                        f"single-label task={cfg.task} model; drop --oracle.")
     dev = run_device(device, cfg)
     summary = dict(checkpoint.entry(state, "summary", dict, path, default={}))
-    oracle_path = oracle or summary.get("oracle/ckpt")
-    reader = None  # read before the test set is scored: a bad --oracle is one sentence first
-    if task.composite and oracle_path and (oracle or Path(oracle_path).is_file()):
-        reader = build.reader_model(oracle_path, dev, "--oracle" if oracle else "the run's reader")
+    oracle = summary.get("oracle/ckpt")
+    reader = (build.reader_model(oracle, dev, "the run's reader") if task.composite and oracle and data is None
+              and Path(oracle).is_file() else None)
     model = model.to(dev)
-    splits = fashion_mnist.splits(data_root or cfg.data.root, cfg.data.val_size, cfg.data.limit, cfg.data.seed)
+    splits = sources.load(cfg.data)[0] if data is None else {
+        "train": (test := folder.load_test(Path(data), task.fmt, cfg.data.label_sep)), "val": test, "test": test}
     src = task.sources(cfg, splits, state.get("scene"), device=dev)
     metrics, _, _ = score(model, task, src.test, dev, amp=resolve_amp(cfg.trainer.amp, dev))
-    other = grid is not None or max_items is not None
-    if other:  # the run's oracle scored other composites
-        summary = {k: v for k, v in summary.items() if not k.startswith("oracle/") or k == "oracle/ckpt"}
+    if grid is not None or max_items is not None or data is not None:  # the run's oracle scored other pictures
+        summary = {k: v for k, v in summary.items() if not k.startswith("oracle/")}
+        summary.update({"test/grid": cfg.data.test_grid, "test/max_items": cfg.data.max_items} if data is None else
+                       {"test/data": str(data), "test/items": len(splits["test"])})
     if reader is not None:
-        summary.update(score_oracle(reader, cfg.data.test_grid, src.test, dev), **{"oracle/ckpt": str(oracle_path)})
-    if other:  # what these numbers are of
-        summary.update({"test/grid": cfg.data.test_grid, "test/max_items": cfg.data.max_items})
+        summary.update(score_oracle(reader, src.test, dev, task.fmt), **{"oracle/ckpt": oracle})
     return {**{f"test/{k}": v for k, v in metrics.items()}, **summary}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cnnrnn.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("ckpt", help="a checkpoint (RUN_DIR/checkpoints/best.pt) or a run dir")
-    parser.add_argument("--data-root", help="where Fashion-MNIST is, if not where the run found it")
+    parser.add_argument("--data", help="score the test items of another labelled folder or CSV (same classes)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
                         help="where to evaluate (default: the device the run trained on, cpu where it is absent)")
-    parser.add_argument("--oracle", help="multi-label only: a reader checkpoint for the tile oracle "
-                                         "(default: the run's reader)")
     parser.add_argument("--grid", type=int, help="test composites of N x N cells (default: the run's grid)")
     parser.add_argument("--max-items", type=int, help="test composites of 1..K items, the decoder naming at most K "
                                                       "(default: the run's data.max_items on its grid, else all "
@@ -118,8 +111,7 @@ def main(argv: list[str] | None = None) -> None:
                 pick_device(args.device, "--device ")  # before the checkpoint is read
             if args.grid is not None and not 1 <= args.grid <= MAX_GRID:
                 raise UserError(f"--grid {args.grid} must be from 1 to {MAX_GRID} (cells per side).")
-            results = evaluate_checkpoint(args.ckpt, args.data_root, args.device, args.oracle, args.grid,
-                                          args.max_items)
+            results = evaluate_checkpoint(args.ckpt, args.data, args.device, args.grid, args.max_items)
     except KeyboardInterrupt:
         fail("Interrupted before the metrics were complete; nothing was printed.", 130)
     rows = [[k, f"{v:.4f}" if isinstance(v, float) else str(v)] for k, v in results.items()

@@ -1,11 +1,11 @@
 """Export a checkpoint to ONNX: python -m cnnrnn.export CKPT OUT.onnx [--opset N].
 
-The graph reads what predict reads: a uint8 batch (B, H, W) of gray images, light items on black, 28 pixels
-square for a single-label model and grid x 28 for a multi-label one; it scales the pixels itself (as
-tasks.to_input does), so an ONNX user feeds raw pixels. Outputs: `logits` and `scores` (softmax) for lstm and
+The graph reads what predict reads: a uint8 batch (B, C, H, W) of pictures converted as the training items were
+(data.pictures), the item size square for a single-label model and grid x the item size for a multi-label one; it
+normalises the pixels itself (Format.to_input), so an ONNX user feeds raw pixels. Outputs: `logits` and `scores` (softmax) for lstm and
 cnn, `scores` (sigmoids) for the BCE head, `tokens` (B, max_labels + 1; END-padded, greedy) and `scores` for
 the decoder. The batch size is free. metadata_props carry the class names, the input convention, the
-checkpoint's config and the BCE threshold, so the .onnx file needs nothing beside it.
+checkpoint's config, the data's format and the BCE threshold, so the .onnx file needs nothing beside it.
 """
 from __future__ import annotations
 
@@ -20,11 +20,9 @@ import torch
 from torch import nn
 
 from cnnrnn import build, checkpoint
-from cnnrnn.data.fashion_mnist import CLASSES
 from cnnrnn.errors import UserError, fail, refusals
 from cnnrnn.files import check_writable, write_atomic
 from cnnrnn.inference import INSTALL, ONNX_FORMAT, OnnxModel
-from cnnrnn.tasks import MEAN, STD
 
 log = logging.getLogger("cnnrnn")
 
@@ -33,7 +31,7 @@ OPSETS = range(11, 21)  # the TorchScript exporter writes up to 20; below 11, so
 
 
 class Exported(nn.Module):
-    """uint8 images (B, side, side) -> the task's predictions, named as in task.outputs: what predict computes
+    """uint8 pictures (B, C, side, side) -> the task's predictions, named as in task.outputs: what predict computes
     for a checkpoint, traced (the decoder's own greedy decoding, unrolled over one step per cell and END)."""
 
     def __init__(self, model: nn.Module, task):
@@ -47,25 +45,26 @@ class Exported(nn.Module):
 
 def metadata(cfg, task) -> dict[str, str]:
     """Everything an ONNX user needs beside the graph, as string key/values for metadata_props."""
-    n = task.side(cfg)
-    meta = {
+    n, f = task.side(cfg), task.fmt
+    return {
         "format": ONNX_FORMAT,
         "kind": task.kind,
         "task": cfg.task,
-        "classes": json.dumps(list(CLASSES)),
+        "classes": json.dumps(list(f.classes)),
+        "data": json.dumps(f.to_dict()),
         "input": json.dumps({
-            "name": "images", "dtype": "uint8", "shape": ["batch", n, n], "side": n,
-            "pixels": "8-bit gray, light item on black, as in Fashion-MNIST; pictures of 28x28 cells in reading "
-                      "order for the multi-label models",
-            "scaling": f"inside the graph: (pixel / 255 - {MEAN}) / {STD}"}),
+            "name": "images", "dtype": "uint8", "shape": ["batch", f.channels, n, n], "side": n,
+            "pixels": f"{'gray' if f.channels == 1 else 'RGB'} pictures resized keeping their aspect and padded with "
+                      f"the tone {list(f.background)}; cells of {f.size}x{f.size} in reading order for the "
+                      f"multi-label models",
+            "scaling": f"inside the graph: (pixel / 255 - {list(f.mean)}) / {list(f.std)} per channel"}),
         "outputs": json.dumps(task.outputs),
         # eval.tta: exported too, as the checkpoint predicts (the flips are one tensor op in the graph)
-        "tta": "true: scores (the decoder: its features) average each image with its mirror image" if cfg.eval.tta
+        "tta": "true: scores (the decoder: its features) average each image with its mirror image" if task.tta
                else "false",
         "config": json.dumps(cfg.to_dict()),
         "task_state": json.dumps(task.state()),  # the BCE threshold, the decoder's label order
     }
-    return meta
 
 
 def need_onnx():
@@ -82,7 +81,7 @@ def export(model: nn.Module, task, path: str | Path, image_side: int, meta: dict
     """Write the model's predictions (uint8 images (B, side, side) -> task.outputs) as an ONNX file with `meta` in
     metadata_props; atomically, so a failed write leaves the previous file whole."""
     onnx = need_onnx()
-    example = torch.zeros(2, image_side, image_side, dtype=torch.uint8)
+    example = torch.zeros(2, task.fmt.channels, image_side, image_side, dtype=torch.uint8)
     outputs = list(task.outputs)
     axes = {"images": {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
     with warnings.catch_warnings(), torch.no_grad():
@@ -132,7 +131,7 @@ def self_check(path: Path, image_side: int, model: nn.Module, task) -> str:
         onnx_model = OnnxModel(path)
     except UserError as exc:
         return f"not checked ({exc})"
-    images = torch.randint(0, 256, (8, image_side, image_side), dtype=torch.uint8,
+    images = torch.randint(0, 256, (8, task.fmt.channels, image_side, image_side), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
     out = task.predict(model, {"image": images})
     labels, scores = onnx_model.predict(images)

@@ -12,46 +12,61 @@ import torch
 
 from cnnrnn import build, checkpoint
 from cnnrnn.config import from_dict
-from cnnrnn.data.fashion_mnist import CLASSES
+from cnnrnn.data.items import Format
 from cnnrnn.errors import UserError
 from cnnrnn.ranks import pick_device
 from cnnrnn.tasks import make_task
 
 INSTALL = "pip install 'cnnrnn[export]'"
-ONNX_FORMAT = "cnnrnn-onnx/2"
+ONNX_FORMAT = "cnnrnn-onnx/3"
 
 
 @dataclass
 class Predictor:
-    infer: Callable          # uint8 images (B, H, W) -> (label indices per image, scores (B, C))
-    side: int                # the trained picture side (what --resize scales to)
-    classes: list[str]
-    any_grid: bool = False   # reads any multiple of 28 a side (a checkpoint's composite model)
+    infer: Callable          # uint8 pictures (B, C, H, W) -> (label indices per picture, scores (B, K))
+    side: int                # the side of the pictures it was trained on
+    fmt: Format              # what its items are: class names, size, channels, background
+    composite: bool = False  # reads any picture of cells of the item size (a checkpoint's composite model)
     multiset: bool = False   # names one label per item: print counts
 
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.fmt.classes
 
-def load(path: str, device: str = "cpu", max_items: int | None = None) -> Predictor:
-    """The model of a checkpoint or an exported .onnx file; `max_items` caps the decoder's labels."""
+
+def load(path: str, device: str = "cpu", max_items: int | None = None, threshold: float | None = None) -> Predictor:
+    """The model of a checkpoint or an exported .onnx file; `max_items` caps the decoder's labels, `threshold` sets
+    the BCE head's."""
     if path.lower().endswith(".onnx"):
         if device == "cuda":
             raise UserError(f"{path} runs in onnxruntime on the CPU only; drop --device cuda, or give its checkpoint.")
         if max_items is not None:
             raise UserError(f"--max-items needs a checkpoint; {path} decodes its exported number of steps.")
-        onnx_model = OnnxModel(path)
-        return Predictor(onnx_model.predict, onnx_model.side, onnx_model.classes, False, onnx_model.task.multiset)
+        m = OnnxModel(path)
+        tune(m.task, f"{path} holds a task={m.config['task']} model", None, threshold)
+        return Predictor(m.predict, m.side, m.task.fmt, False, m.task.multiset)
     cfg, model, task = build.from_checkpoint(checkpoint.load(path), path, pick_device(device, "--device "))
-    if max_items is not None:
-        if not task.takes_max_items:
-            raise UserError(f"--max-items caps the label decoder, but {path} holds a task={cfg.task} model; drop it.")
-        if max_items < 1:
-            raise UserError(f"--max-items {max_items} must be at least 1.")
-        task.max_items = max_items
+    tune(task, f"{path} holds a task={cfg.task} model", max_items, threshold)
 
     def infer(images: torch.Tensor):
         out = task.predict(model, {"image": images.to(next(model.parameters()).device)})
         return task.labels(out), out["scores"].float().cpu()
 
-    return Predictor(infer, task.side(cfg), list(task.classes), task.composite, task.multiset)
+    return Predictor(infer, task.side(cfg), task.fmt, task.composite, task.multiset)
+
+
+def tune(task, holds: str, max_items: int | None, threshold: float | None) -> None:
+    """--max-items for the decoder, --threshold for the BCE head; a sentence for either on another model."""
+    if max_items is not None:
+        if not task.takes_max_items:
+            raise UserError(f"--max-items caps the label decoder, but {holds}; drop it.")
+        if max_items < 1:
+            raise UserError(f"--max-items {max_items} must be at least 1.")
+        task.max_items = max_items
+    if threshold is not None:
+        if not task.tunes:
+            raise UserError(f"--threshold sets the BCE head's, but {holds}; drop it.")
+        task.threshold = threshold
 
 
 def onnx_session(path: str | Path, threads: int | None = None):
@@ -89,23 +104,24 @@ class OnnxModel:
             if meta["format"] != ONNX_FORMAT:
                 raise ValueError(f"format {meta['format']}")
             self.config, state = json.loads(meta["config"]), json.loads(meta["task_state"])
-            self.classes, self.side = json.loads(meta["classes"]), int(json.loads(meta["input"])["side"])
-            if not isinstance(state, dict) or self.classes != list(CLASSES):
-                raise ValueError("task_state or classes")
+            fmt, self.side = Format.from_dict(json.loads(meta["data"])), int(json.loads(meta["input"])["side"])
+            if not isinstance(state, dict):
+                raise ValueError("task_state")
             cfg = from_dict(self.config)
         except (KeyError, ValueError, TypeError, UserError) as exc:
             raise UserError(f"{path} carries cnnrnn metadata that this version cannot use ({exc}); export its "
                             f"checkpoint again with python -m cnnrnn.export CKPT OUT.onnx.") from None
-        self.task = make_task(cfg, state=state)
+        self.task = make_task(cfg, fmt, state=state)
         self.outputs = [o.name for o in self.session.get_outputs()]
         graph = [(i.name, i.type, i.shape[1:]) for i in self.session.get_inputs()]
-        if graph != [("images", "tensor(uint8)", [self.side, self.side])] or set(self.outputs) != set(self.task.outputs):
+        if graph != [("images", "tensor(uint8)", [fmt.channels, self.side, self.side])] or set(self.outputs) != set(
+                self.task.outputs):
             raise UserError(f"{path}'s graph does not match its metadata (it reads {graph} and gives {self.outputs}, "
-                            f"where its metadata says uint8 images of {self.side}x{self.side} and "
+                            f"where its metadata says uint8 pictures of {fmt.channels}x{self.side}x{self.side} and "
                             f"{list(self.task.outputs)}); export its checkpoint again.")
 
     def run(self, images: torch.Tensor) -> dict[str, np.ndarray]:
-        """The graph's outputs by name for uint8 images (B, side, side)."""
+        """The graph's outputs by name for uint8 pictures (B, C, side, side)."""
         feed = {"images": np.ascontiguousarray(images.numpy(), dtype=np.uint8)}
         return dict(zip(self.outputs, self.session.run(None, feed)))
 

@@ -69,30 +69,29 @@ def best_threshold(y_true: np.ndarray, scores: np.ndarray, grid=np.linspace(0.05
     return float(grid[int(np.argmax(f1))])
 
 
-def grounding(tokens, alpha, cells, y_true) -> dict[str, float]:
-    """Where the decoder looked when it named an item right (the attention of that step over the cells).
+def grounding(tokens, alpha, cells, boxes, centers, side: int, y_true) -> dict[str, float]:
+    """Where the decoder looked when it named an item right (the attention of that step over the picture).
 
-    Over every correctly emitted label whose class sits in exactly one occupied cell: `grounding` is the share
-    of such steps whose attention peak is on that cell, `grounding_mass` the mean attention mass on it.
-    tokens (N, T) emitted classes (>= C: END), alpha (N, T, L) attention over L = (G*k)^2 map positions,
-    cells (N, G*G) the class in each cell (-1: empty), y_true (N, C) the true label sets. Empty if no step counts.
+    Over every correctly emitted label whose class is that of exactly one item: `grounding` is the share of such
+    steps whose attention peak (the centre of the position with the highest weight) falls inside that item's box,
+    `grounding_mass` the mean attention on the positions whose centres do. tokens (N, T) emitted classes (>= C:
+    END), alpha (N, T, L) attention over L positions centred at centers (L, 2) (y, x) pixels, cells (N, M) the class
+    of each item (-1: none), boxes (N, M, 2) their top-left corners, items side x side; y_true (N, C) the true
+    label sets. Empty if no step counts.
     """
-
-    n, steps, positions = alpha.shape
-    grid = int(round(cells.shape[1] ** 0.5))
-    side = int(round(positions ** 0.5))
-    k = side // grid
-    per_cell = alpha.float().view(n, steps, grid, k, grid, k).sum(dim=(3, 5)).flatten(2)  # (N, T, G*G)
     num_classes = y_true.shape[1]
     label = tokens.clamp(max=num_classes - 1)                                              # (N, T)
     correct = (tokens < num_classes) & y_true.bool().gather(1, label)                      # (N, T)
-    holds = cells[:, None, :] == label[:, :, None]                                         # (N, T, G*G)
+    holds = cells[:, None, :] == label[:, :, None]                                         # (N, T, M)
     eligible = correct & (holds.sum(2) == 1)
     if not eligible.any():
         return {}
-    where = holds.float().argmax(2)                                                        # (N, T) the one cell
-    mass = per_cell.gather(2, where[..., None]).squeeze(2)
-    peak = per_cell.argmax(2) == where
+    where = holds.float().argmax(2)                                                        # (N, T) the one item
+    corner = boxes.gather(1, where.flatten(1)[..., None].expand(-1, -1, 2)).view(*where.shape, 2).float()  # (N,T,2)
+    inside = ((centers[None, None] >= corner[:, :, None]) &
+              (centers[None, None] < corner[:, :, None] + side)).all(-1)                   # (N, T, L)
+    mass = (alpha.float() * inside).sum(2)
+    peak = inside.gather(2, alpha.float().argmax(2, keepdim=True)).squeeze(2)
     return {"grounding": float(peak[eligible].float().mean()), "grounding_mass": float(mass[eligible].mean())}
 
 

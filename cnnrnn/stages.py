@@ -13,7 +13,7 @@ from pathlib import Path
 from cnnrnn import build, checkpoint
 from cnnrnn.cache import Cache
 from cnnrnn.config import Config, preset
-from cnnrnn.data import fashion_mnist
+from cnnrnn.data import sources
 from cnnrnn.errors import UserError
 from cnnrnn.ranks import process_rank
 from cnnrnn.training import fit
@@ -54,18 +54,18 @@ def reader_config(cfg: Config) -> Config:
     model = {"channels": m["channels"], "convs": m["convs"], "hidden": m["cell_dim"]}
     trainer = {"device": t.device, "progress": t.progress, "threads": t.threads, "amp": t.amp,
                **({"epochs": cfg.reader.epochs} if cfg.reader.epochs else {})}
-    data = {"root": d.root, "val_size": d.val_size, "seed": d.seed, "limit": d.limit,
-            "train_eval_size": d.train_eval_size, "degrade": d.degrade}
+    data = {k: getattr(d, k) for k in ("source", "path", "root", "kind", "label_sep", "size", "channels", "skip_bad",
+                                       "cache", "val_size", "seed", "limit", "train_eval_size", "hflip", "degrade")}
     return preset("reader", seed=cfg.seed, model=model, trainer=trainer, data=data)
 
 
 def recipe_digest(cfg: Config) -> str:
-    """8 hex digits of everything that shapes a model, not where or how fast it trains. Of data.root, the folder
-    the files are found in: two clones that both read the system package share their readers."""
+    """8 hex digits of everything that shapes a model, not where or how fast it trains, and of the data it reads
+    (sources.fingerprint): two clones that read the same files share their readers, two datasets never do."""
     values = cfg.to_dict()
     values["trainer"] = {k: v for k, v in values["trainer"].items() if k not in ("device", "threads", "progress")}
-    found, _ = fashion_mnist.locate(Path(cfg.data.root))
-    values["data"]["root"] = str((found["train-images-idx3-ubyte"].parent if found else Path(cfg.data.root)).resolve())
+    values["data"]["root"] = values["data"]["path"] = sources.fingerprint(cfg.data)
+    values["data"].pop("cache")
     values.pop("resume")
     return hashlib.md5(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
 

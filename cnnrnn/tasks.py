@@ -16,12 +16,10 @@ from torch import nn
 from cnnrnn import metrics, viz
 from cnnrnn.config import CONFIG_DIR, MODEL_OF, Config
 from cnnrnn.data import sources
-from cnnrnn.data.composite import cell_crops
-from cnnrnn.data.fashion_mnist import CLASSES, SIDE
+from cnnrnn.data.items import Format
 from cnnrnn.data.scene import Scene, read_scene
 from cnnrnn.models import MODELS
 
-MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training pixels, on the [0, 1] scale
 MULTI_SCALARS = ("f1_micro", "f1_macro", "f1_samples", "cf1", "exact_match", "hamming_loss", "cardinality_acc",
                  "map", "loss")
 
@@ -29,6 +27,7 @@ MULTI_SCALARS = ("f1_micro", "f1_macro", "f1_samples", "cf1", "exact_match", "ha
 class Task(Protocol):
     """What every kind of model has; the loop, evaluate, predict and export ask it and never probe it."""
     kind: str                   # single | bce | sequence | oracle
+    fmt: Format                 # what its items are: class names, size, channels, normalisation
     classes: tuple[str, ...]
     select: str                 # the validation metric that chooses best.pt
     scalars: tuple[str, ...]    # the metrics logged each epoch and at test
@@ -53,11 +52,6 @@ class Task(Protocol):
     def state(self) -> dict: ...
 
 
-def to_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images (B, H, W) -> normalised float (B, 1, H, W)."""
-    return ((images.float() / 255.0 - MEAN) / STD).unsqueeze(1)   # (B, H, W) -> (B, 1, H, W)
-
-
 def flip_average(scores: torch.Tensor, tta: bool, model: nn.Module, batch, x: torch.Tensor, to_scores) -> torch.Tensor:
     """`scores` of the model's input x, averaged with those of its mirror image when `tta` (test-time flips: a
     mirrored item keeps its class, and the set of items in a mirrored composite is the same). A frozen reader's
@@ -67,11 +61,21 @@ def flip_average(scores: torch.Tensor, tta: bool, model: nn.Module, batch, x: to
     return (scores + to_scores(model(batch["feats_flip"] if "feats" in batch else x.flip(-1)))) / 2
 
 
-def names(indices) -> list[str]:
-    return [CLASSES[int(i)] for i in indices]
+class Named:
+    """What every task does with its Format: class names, the model's input, the picture side."""
+
+    def __init__(self, fmt: Format):
+        self.fmt, self.classes = fmt, fmt.classes
+
+    def names(self, indices) -> list[str]:
+        return [self.classes[int(i)] for i in indices]
+
+    def inputs(self, batch) -> torch.Tensor:
+        """The model's input: the pictures, or a frozen reader's cell features computed before (CellFeatures)."""
+        return batch["feats"] if "feats" in batch else self.fmt.to_input(batch["image"])
 
 
-class Classification:
+class Classification(Named):
     """One label per image: cross-entropy, argmax, accuracy."""
 
     kind, select, scalars = "single", "acc", ("acc", "loss")
@@ -80,32 +84,35 @@ class Classification:
     outputs = {"logits": "(batch, classes) float: the model's logits for the image as given",
                "scores": "(batch, classes) float: softmax probabilities; the label is the argmax"}
 
-    def __init__(self, classes, label_smoothing: float, tta: bool):
-        self.classes, self.label_smoothing, self.tta = tuple(classes), label_smoothing, tta
+    def __init__(self, fmt: Format, label_smoothing: float, tta: bool):
+        super().__init__(fmt)
+        self.label_smoothing, self.tta = label_smoothing, tta
 
     def side(self, cfg: Config) -> int:
-        return SIDE
+        return self.fmt.size
 
     def scene_spec(self, cfg: Config) -> None:
         return None
 
     def sources(self, cfg: Config, splits, scene_spec=None, device=None) -> sources.Sources:
-        return sources.items(cfg.data, cfg.seed, splits, device)
+        return sources.items(cfg.data, cfg.seed, splits, self.fmt, device)
 
     def blank_batch(self, cfg: Config, n: int = 2) -> dict[str, torch.Tensor]:
-        return {"image": torch.zeros(n, SIDE, SIDE, dtype=torch.uint8), "label": torch.zeros(n, dtype=torch.long)}
+        f = self.fmt
+        return {"image": torch.zeros(n, f.channels, f.size, f.size, dtype=torch.uint8),
+                "label": torch.zeros(n, dtype=torch.long)}
 
     def target(self, batch) -> torch.Tensor:
         return batch["label"]
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(to_input(batch["image"]))
+        logits = model(self.inputs(batch))
         loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
         return loss, {"acc": (logits.argmax(1) == batch["label"]).float().mean()}
 
     @torch.no_grad()
     def predict(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
-        x = to_input(batch["image"])
+        x = self.inputs(batch)
         logits = model(x).float()
         probs = flip_average(logits.softmax(dim=1), self.tta, model, batch, x, lambda z: z.float().softmax(dim=1))
         return {"logits": logits, "scores": probs}
@@ -125,45 +132,46 @@ class Classification:
         images = source.batch(source.order(None)[wrong])["image"].cpu()
         return {"test/confusion_matrix": viz.confusion_matrix(metrics.confusion(target.numpy(), pred.numpy(),
                                                                               len(self.classes)), self.classes),
-                "test/misclassified": viz.labelled_grid(images, [names([t]) for t in target[wrong]],
-                                                        [names([p]) for p in pred[wrong]])}
+                "test/misclassified": viz.labelled_grid(images, [self.names([t]) for t in target[wrong]],
+                                                        [self.names([p]) for p in pred[wrong]])}
 
     def state(self) -> dict:
         return {}
 
 
-class Composites:
+class Composites(Named):
     """What the two multi-label tasks share: composite data, the multi-label metrics and figures."""
 
     select, composite, tunes, multiset, takes_max_items, max_items = "f1_samples", True, False, False, False, None
 
     def side(self, cfg: Config) -> int:
-        return SIDE * cfg.data.test_grid
+        """The side of its pictures: a user's multi-label pictures', the scattered canvas, or the grid's."""
+        return self.fmt.picture or (cfg.data.picture_size if cfg.data.layout == "scatter" else
+                                    self.fmt.size * cfg.data.test_grid)
 
     def scene_spec(self, cfg: Config) -> dict | None:
         """The scene file's contents for data.scene (None: uniform); a sentence if it is missing or bad."""
-        return read_scene(cfg.data.scene, CONFIG_DIR / "scene")
+        return read_scene(cfg.data.scene, CONFIG_DIR / "scene", self.classes)
 
     def sources(self, cfg: Config, splits, scene_spec=None, device=None) -> sources.Sources:
         """`scene_spec`: the one a checkpoint carries, used as it was (None: read data.scene's file)."""
+        if self.fmt.picture or cfg.data.layout == "scatter":
+            return sources.pictures(cfg.data, cfg.seed, splits, self.fmt, device)
         spec = self.scene_spec(cfg) if scene_spec is None else scene_spec
-        scene = None if spec is None else Scene(spec, cfg.data.scene)
-        return sources.composites(cfg.data, cfg.seed, cfg.trainer.batch_size, splits, scene, device)
+        scene = None if spec is None else Scene(spec, cfg.data.scene, self.classes)
+        return sources.composites(cfg.data, cfg.seed, cfg.trainer.batch_size, splits, self.fmt, scene, device)
 
     def blank_batch(self, cfg: Config, n: int = 2) -> dict[str, torch.Tensor]:
-        """Empty composites of the smallest training grid: the cell arithmetic of the model, not its memory."""
-        grid = min(cfg.data.grids)
-        c = len(self.classes)
-        return {"image": torch.zeros(n, SIDE * grid, SIDE * grid, dtype=torch.uint8),
-                "cells": torch.full((n, grid * grid), -1), "labels": torch.zeros(n, c), "counts": torch.zeros(n, c)}
+        """Empty pictures of the smallest training size: the arithmetic of the model, not its memory."""
+        grid, f, c = min(cfg.data.grids), self.fmt, len(self.classes)
+        side = self.side(cfg) if f.picture or cfg.data.layout == "scatter" else f.size * grid
+        m = grid * grid if side == f.size * grid else cfg.data.max_items
+        return {"image": torch.zeros(n, f.channels, side, side, dtype=torch.uint8), "cells": torch.full((n, m), -1),
+                "boxes": torch.zeros(n, m, 2, dtype=torch.long), "labels": torch.zeros(n, c),
+                "counts": torch.zeros(n, c)}
 
     def target(self, batch) -> torch.Tensor:
         return batch["labels"]
-
-    @staticmethod
-    def inputs(batch) -> torch.Tensor:
-        """The model's input: the pictures, or a frozen reader's cell features computed before (CellFeatures)."""
-        return batch["feats"] if "feats" in batch else to_input(batch["image"])
 
     def tune(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> dict:
         return {}
@@ -173,14 +181,15 @@ class Composites:
         images = source.batch(source.order(None)[first])["image"].cpu()
         pred = self.labels({k: v[first] for k, v in out.items()})
         # a class as often as the target counts it (once for a set; a multiset target repeats it)
-        true = [names(c for c in row.nonzero().flatten().tolist() for _ in range(int(row[c]))) for row in target[first]]
+        true = [self.names(c for c in row.nonzero().flatten().tolist() for _ in range(int(row[c])))
+                for row in target[first]]
         per_class = {k[3:]: v for k, v in results.items() if k.startswith("f1/")}
-        figs = {"test/composites": viz.labelled_grid(images, true, [names(p) for p in pred]),
+        figs = {"test/composites": viz.labelled_grid(images, true, [self.names(p) for p in pred]),
                 "test/f1_per_class": viz.per_class_bars(per_class, "test F1")}
         if "alpha" in out:
             n = min(6, len(target))
-            figs["test/attention"] = viz.attention(images[:n], out["alpha"][:n], out["tokens"][:n], CLASSES,
-                                                   len(CLASSES))
+            figs["test/attention"] = viz.attention(images[:n], out["alpha"][:n], out["tokens"][:n], self.classes,
+                                                   out["centers"], self.fmt.size)
         return figs
 
 
@@ -191,9 +200,9 @@ class MultiLabelBCE(Composites):
     outputs = {"scores": "(batch, classes) float: sigmoid probabilities; labels are the classes with score >= "
                          "threshold"}
 
-    def __init__(self, classes, threshold: float, tta: bool, label_smoothing: float):
-        self.classes, self.threshold, self.tta = tuple(classes), threshold, tta
-        self.label_smoothing = label_smoothing
+    def __init__(self, fmt: Format, threshold: float, tta: bool, label_smoothing: float):
+        super().__init__(fmt)
+        self.threshold, self.tta, self.label_smoothing = threshold, tta, label_smoothing
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
         logits = model(self.inputs(batch))
@@ -236,7 +245,8 @@ class LabelSequence(Composites):
 
     target='multiset': one label per item (a class as often as it occurs, repeats next to each other except in
     the spatial order), scored with the multiset metrics beside the set ones. Decoding stops after as many
-    labels as the picture has cells (any grid), or `max_items` when set.
+    labels as the picture has cells (any grid), or for pictures without cells after `steps` (the most labels of
+    a training picture), or `max_items` when set.
     """
 
     kind, takes_max_items = "sequence", True
@@ -246,9 +256,10 @@ class LabelSequence(Composites):
                          "index (the number of classes) to the end",
                "scores": "(batch, classes) float: each class's highest probability over the decoding steps"}
 
-    def __init__(self, classes, order: str, class_counts, label_smoothing: float, tta: bool, target: str,
-                 max_items: int | None = None):
-        self.classes, self.order = tuple(classes), order
+    def __init__(self, fmt: Format, order: str, class_counts, label_smoothing: float, tta: bool, target: str,
+                 max_items: int | None = None, steps: int | None = None):
+        super().__init__(fmt)
+        classes, self.order, self.steps = fmt.classes, order, steps
         self.label_smoothing, self.tta = label_smoothing, tta
         self.multiset, self.max_items = target == "multiset", max_items
         counts = torch.as_tensor(class_counts if class_counts is not None else [1] * len(classes)).double()
@@ -286,12 +297,13 @@ class LabelSequence(Composites):
         t = torch.arange(n_cells + 1, device=cells.device).expand(b, -1)
         return torch.where(t < n, seq, -100).masked_fill(t == n, len(self.classes))
 
-    def sequences(self, labels: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
-        """Target tokens (B, G*G+1): the label set in this task's order, END, then -100 padding."""
+    def sequences(self, labels: torch.Tensor, cells: torch.Tensor | None) -> torch.Tensor:
+        """Target tokens (B, M+1): the label set in this task's order, END, then -100 padding; M: the batch's
+        cells or items (whatever the model was built for), or `steps` for pictures without them."""
         if self.multiset:
             return self.item_sequences(cells)
         b, c = labels.shape
-        steps = cells.shape[1]  # one label per cell at most: the batch's grid, whatever the model was built for
+        steps = self.steps if cells is None else cells.shape[1]
         present = labels.bool()
         if self.order == "spatial":
             # first cell (reading order) holding each class; cells (B, G*G) hold a class or -1
@@ -326,7 +338,7 @@ class LabelSequence(Composites):
             chosen.append(target)
             return target
 
-        logits = model(x, teacher, steps=batch["cells"].shape[1] + 1)
+        logits = model(x, teacher, steps=(batch["cells"].shape[1] if "cells" in batch else self.steps) + 1)
         return logits, torch.stack(chosen, dim=1)
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -334,7 +346,7 @@ class LabelSequence(Composites):
         if self.order == "orderless":
             logits, targets = self.orderless_targets(model, x, batch)
         else:
-            targets = self.sequences(batch["labels"], batch["cells"])
+            targets = self.sequences(batch["labels"], batch.get("cells"))
             logits = model(x, targets)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                                label_smoothing=self.label_smoothing)
@@ -348,15 +360,17 @@ class LabelSequence(Composites):
         if "feats_flip" in batch and self.tta:  # what read_cells(flip=True) computes from the pixels
             x = (x + batch["feats_flip"]) / 2
         out = model.generate(x, flip=self.tta and x.dim() == 4, max_labels=self.limit(x))
-        pred = {"tokens": out["tokens"], "scores": out["scores"], "alpha": out["alpha"]}
-        if "cells" in batch:
-            pred["cells"] = batch["cells"]
+        pred = {"tokens": out["tokens"], "scores": out["scores"], "alpha": out["alpha"], "centers": model.centers(x)}
+        if "boxes" in batch:
+            pred.update(cells=batch["cells"], boxes=batch["boxes"])
         return pred
 
     def limit(self, x: torch.Tensor) -> int:
-        """Most labels to decode for pictures (B, 1, H, W) or cell features (B, L, D): one per 28x28 cell, or
-        max_items when set."""
-        cells = x.shape[1] if x.dim() == 3 else max(1, x.shape[-2] // SIDE) * max(1, x.shape[-1] // SIDE)
+        """Most labels to decode for pictures (B, C, H, W) or cell features (B, L, D): one per cell, or `steps` for
+        pictures without cells, or max_items when set."""
+        s = self.fmt.size
+        cells = x.shape[1] if x.dim() == 3 else max(1, x.shape[-2] // s) * max(1, x.shape[-1] // s)
+        cells = self.steps or cells
         return min(cells, self.max_items) if self.max_items else cells
 
     def labels(self, out: dict[str, torch.Tensor]) -> list[list[int]]:
@@ -372,33 +386,32 @@ class LabelSequence(Composites):
         present = target > 0  # the set of a multiset target
         counts = self.counts(out)
         result = metrics.multi_label(present.numpy(), (counts > 0).numpy(), self.classes, out["scores"].numpy())
-        if "cells" in out:
-            result.update(metrics.grounding(out["tokens"], out["alpha"], out["cells"], present))
+        if "boxes" in out:
+            result.update(metrics.grounding(out["tokens"], out["alpha"], out["cells"], out["boxes"], out["centers"],
+                                            self.fmt.size, present))
         if self.multiset:
             result.update(metrics.multiset(target.numpy(), counts.numpy(), self.classes))
         return result
 
     def state(self) -> dict:
         # the training class counts fix the frequency order, so evaluate rebuilds the very same targets
-        return {"order": self.order, "class_counts": self.class_counts}
+        return {"order": self.order, "class_counts": self.class_counts, "steps": self.steps}
 
 
 class TileOracle(Composites):
-    """Reference for composites: a single-label model applied to each occupied cell, told where the items
-    are (batch['cells']), its predictions joined into a set. Scored with the multi-label metrics."""
+    """Reference for composites: a single-label model applied to each item's box (the cells of a grid, the boxes of
+    scattered items), told where the items are (batch['boxes'], batch['cells']), its predictions joined into a set.
+    Scored with the multi-label metrics."""
 
     kind, scalars = "oracle", MULTI_SCALARS
 
-    def __init__(self, grid: int, classes):
-        self.grid, self.classes = grid, tuple(classes)
-
     @torch.no_grad()
     def predict(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
-        crops = cell_crops(batch["image"], self.grid)                    # (B, G*G, 28, 28)
-        occupied = batch["cells"] >= 0                                   # (B, G*G)
-        probs = model(to_input(crops[occupied])).float().softmax(dim=1)  # (items, C)
+        occupied = batch["cells"] >= 0                                   # (B, M)
+        crops = box_crops(batch["image"], batch["boxes"], self.fmt.size)  # (B, M, C, S, S)
+        probs = model(self.fmt.to_input(crops[occupied])).float().softmax(dim=1)  # (items, K)
         cell_probs = probs.new_zeros(*occupied.shape, len(self.classes))
-        cell_probs[occupied] = probs                                     # (B, G*G, C), empty cells 0
+        cell_probs[occupied] = probs                                     # (B, M, K), empty slots 0
         pred = torch.zeros_like(cell_probs, dtype=torch.bool)
         pred[occupied] = F.one_hot(probs.argmax(1), len(self.classes)).bool()
         return {"pred": pred.any(dim=1), "scores": cell_probs.amax(dim=1)}
@@ -407,16 +420,30 @@ class TileOracle(Composites):
         return metrics.multi_label(target.numpy(), out["pred"].numpy(), self.classes, out["scores"].numpy())
 
 
-def make_task(cfg: Config, train_labels: torch.Tensor | None = None, state: dict | None = None) -> Task:
-    """The task of a config's model; `state` restores what a checkpoint saved (a tuned threshold, the training
-    class counts), `train_labels` gives the class counts of a new run's frequency order."""
-    state, tta, kind = state or {}, cfg.eval.tta, MODELS[MODEL_OF[cfg.task]].kind
+def box_crops(images: torch.Tensor, corners: torch.Tensor, side: int) -> torch.Tensor:
+    """The side x side boxes at top-left corners (B, M, 2) of pictures (B, C, H, W): (B, M, C, S, S)."""
+    r = torch.arange(side, device=images.device)
+    ys, xs = corners[..., 0, None] + r, corners[..., 1, None] + r               # (B, M, S)
+    b = torch.arange(len(images), device=images.device)[:, None, None, None]
+    out = images.permute(0, 2, 3, 1)[b, ys[..., :, None], xs[..., None, :]]     # (B, M, S, S, C)
+    return out.permute(0, 1, 4, 2, 3).contiguous()                              # (B, M, C, S, S)
+
+
+def make_task(cfg: Config, fmt: Format, train_labels: torch.Tensor | None = None, state: dict | None = None) -> Task:
+    """The task of a config's model on items of `fmt`; `state` restores what a checkpoint saved (a tuned threshold,
+    the training class counts, the decoder's steps), `train_labels` (class indices, or the label sets of pictures)
+    gives the class counts of a new run's frequency order and a picture's most labels."""
+    state, kind = state or {}, MODELS[MODEL_OF[cfg.task]].kind
+    tta = cfg.eval.tta if cfg.eval.tta is not None else fmt.flips  # flips only where a mirror image keeps its class
     if kind == "single":
-        return Classification(CLASSES, cfg.optim.label_smoothing, tta)
+        return Classification(fmt, cfg.optim.label_smoothing, tta)
     if kind == "bce":
-        return MultiLabelBCE(CLASSES, state.get("threshold", 0.5), tta, cfg.optim.label_smoothing)
-    counts = state.get("class_counts")
-    if train_labels is not None:
-        counts = torch.bincount(train_labels, minlength=len(CLASSES))
-    return LabelSequence(CLASSES, cfg.model["label_order"], counts, label_smoothing=cfg.optim.label_smoothing, tta=tta,
-                         target=cfg.model["target"])
+        return MultiLabelBCE(fmt, state.get("threshold", 0.5), tta, cfg.optim.label_smoothing)
+    counts, steps = state.get("class_counts"), state.get("steps")
+    if train_labels is not None and train_labels.dim() == 2:  # the label sets of pictures, no cells
+        counts, steps = train_labels.sum(0).long(), max(1, int(train_labels.sum(1).max()))
+    elif train_labels is not None:
+        counts = torch.bincount(train_labels, minlength=len(fmt.classes))
+        steps = cfg.data.max_items if cfg.data.layout == "scatter" else None
+    return LabelSequence(fmt, cfg.model["label_order"], counts, label_smoothing=cfg.optim.label_smoothing, tta=tta,
+                         target=cfg.model["target"], steps=steps)

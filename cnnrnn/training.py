@@ -5,7 +5,9 @@ No Hydra here: `fit(cfg, out_dir)` takes a typed Config and a folder, so a noteb
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import logging
 import math
 import platform
@@ -20,7 +22,7 @@ from torch import nn
 
 from cnnrnn import build, checkpoint, viz
 from cnnrnn.config import Config
-from cnnrnn.data import fashion_mnist
+from cnnrnn.data import sources
 from cnnrnn.data.composite import CellFeatures
 from cnnrnn.data.loader import batches, num_batches
 from cnnrnn.data.scene import format_statistics
@@ -32,7 +34,7 @@ from cnnrnn.models import count_params
 from cnnrnn.models.cnn import SmallCNN
 from cnnrnn.ranks import Process, Stopped, StopSignals, gather_rng, restore_rng, seed_everything, start_process
 from cnnrnn.report import duration
-from cnnrnn.tasks import MULTI_SCALARS, Task, TileOracle, make_task, to_input
+from cnnrnn.tasks import MULTI_SCALARS, Task, TileOracle, make_task
 
 log = logging.getLogger("cnnrnn")
 ALL_TEST_SCALARS = ("acc", *MULTI_SCALARS)  # every run declares these to TensorBoard's HParams table
@@ -128,19 +130,25 @@ def setup(cfg: Config, out_dir: Path, saved: dict | None = None, distributed: bo
     t_start = time.time()
     proc = start_process(cfg.trainer, cfg.seed, distributed)
     keep_freed_memory()
-    splits = fashion_mnist.splits(cfg.data.root, cfg.data.val_size, cfg.data.limit, cfg.data.seed)
-    task = make_task(cfg, splits["train"].labels)
+    splits, fmt = sources.load(cfg.data)
+    if saved is not None and saved.get("items") != fmt.to_dict():
+        raise UserError(f"The data of {out_dir} have changed since the run started (its classes, size or pixels); "
+                        f"continue it on the same data, or start a new run.")
+    task = make_task(cfg, fmt, splits["train"].labels)
     scene_spec = saved.get("scene") if saved is not None else task.scene_spec(cfg)
     src = task.sources(cfg, splits, scene_spec, device=proc.device)
     build.check_sizes(cfg, len(src.train), proc.world)
-    if scene_spec is not None and proc.rank == 0:
-        log.info("scene %s, label statistics of 100,000 training composites:\n%s", cfg.data.scene,
-                 format_statistics(src.train.statistics(100_000)))
-    model, reader = start_model(cfg, proc, saved)
+    if proc.rank == 0:
+        write_splits(splits, out_dir)
+        if scene_spec is not None:
+            log.info("scene %s, label statistics of 100,000 training composites:\n%s", cfg.data.scene,
+                     format_statistics(src.train.statistics(100_000), fmt.classes))
+    model, reader = start_model(cfg, fmt, proc, saved)
     if cfg.optim.reader_lr == 0 and cfg.model.get("init_from"):  # a trained reader; a random one always learns
         model.freeze_reader()
         if cacheable(cfg.data):  # every source but test, which the final model reads from its pixels
-            src = with_cell_features(src, model.reader, proc, cfg.data.hflip if cfg.data.augment else 0.0)
+            src = with_cell_features(src, model.reader, task, proc, sources.flips(cfg.data, fmt) if cfg.data.augment
+                                     else 0.0)
     optimizer, scheduler = build.optimizer(cfg, model, num_batches(len(src.train), cfg.trainer.batch_size, True))
     # With trainer.ema the weights that are evaluated and saved as "model" are an exponential moving average
     # of the trained ones, which are kept as "train_model" for resuming.
@@ -167,10 +175,10 @@ def setup(cfg: Config, out_dir: Path, saved: dict | None = None, distributed: bo
                     scene_spec, reader, t_start)
 
 
-def start_model(cfg: Config, proc: Process, saved: dict | None) -> tuple[nn.Module, SmallCNN | None]:
+def start_model(cfg: Config, fmt, proc: Process, saved: dict | None) -> tuple[nn.Module, SmallCNN | None]:
     """The run's model on its device, from `saved`, else started from the reader at model.init_from (read once:
-    it is also the tile oracle, returned beside the model, None without one)."""
-    model = build.model(cfg)
+    it is also the tile oracle where it names the same classes, returned beside the model; None without one)."""
+    model = build.model(cfg, fmt)
     path, reader = cfg.model.get("init_from"), None
     if path and (saved is None or Path(path).is_file()):
         reader = build.reader_model(path, proc.device, "model.init_from", split=cfg)
@@ -179,6 +187,8 @@ def start_model(cfg: Config, proc: Process, saved: dict | None) -> tuple[nn.Modu
     if reader is not None and saved is None:
         build.init_encoder(model, reader, path)
         log.info("reader from %s", path)
+    if reader is not None and reader.head[-1].out_features != len(fmt.classes):
+        reader = None  # a reader of other classes starts the model but cannot name these items
     # channels_last makes the oneDNN convolutions faster; it leaves the LSTM's 2-D weights as they are.
     model = model.to(proc.device, memory_format=torch.channels_last)
     if saved is not None:  # before a frozen reader's features are computed: they are the saved reader's
@@ -203,9 +213,9 @@ def cacheable(d) -> bool:
     return not d.degrade and (not d.augment or not d.shift)
 
 
-def with_cell_features(src: Sources, reader: nn.Module, proc: Process, hflip: float) -> Sources:
+def with_cell_features(src: Sources, reader: nn.Module, task: Task, proc: Process, hflip: float) -> Sources:
     """The training and validation sources as a frozen reader's features of their items, computed once."""
-    train, val = (cell_features(reader, s.split.images, proc) for s in (src.train_eval, src.val))
+    train, val = (cell_features(reader, s.split.images, task, proc) for s in (src.train_eval, src.val))
     log.info("reader frozen: its features of the %d training and %d validation items computed once",
              len(train[0]), len(val[0]))
     return Sources(CellFeatures(src.train, *train, hflip), CellFeatures(src.train_eval, *train, fixed=True),
@@ -213,20 +223,21 @@ def with_cell_features(src: Sources, reader: nn.Module, proc: Process, hflip: fl
 
 
 @torch.no_grad()
-def cell_features(reader: nn.Module, images: torch.Tensor, proc: Process) -> tuple[torch.Tensor, ...]:
-    """The reader's features (N, D) of uint8 items (N, 28, 28), of their mirror images, and (D,) of a black cell."""
+def cell_features(reader: nn.Module, images: torch.Tensor, task: Task, proc: Process) -> tuple[torch.Tensor, ...]:
+    """The reader's features (N, D) of uint8 items (N, C, S, S), of their mirror images, and (D,) of an empty cell
+    (the background tone)."""
     reader.eval()
-    blank = torch.zeros(1, *images.shape[1:], dtype=images.dtype, device=images.device)
+    blank = images.new_tensor(task.fmt.background).view(1, -1, 1, 1).expand(1, *images.shape[1:])
     out = []
     for flip in (False, True):
         parts = []
         for i in range(0, len(images), 1000):
-            x = to_input(images[i:i + 1000]).contiguous(memory_format=torch.channels_last)
+            x = task.fmt.to_input(images[i:i + 1000]).contiguous(memory_format=torch.channels_last)
             with autocast(proc.device, proc.amp):
                 parts.append(reader.embed(x.flip(-1) if flip else x).float())
         out.append(torch.cat(parts))
     with autocast(proc.device, proc.amp):
-        out.append(reader.embed(to_input(blank)).float()[0])
+        out.append(reader.embed(task.fmt.to_input(blank)).float()[0])
     return tuple(out)
 
 
@@ -242,7 +253,7 @@ def save(run: Training, path: Path, rngs: list[dict], **extra) -> None:
     checkpoint.save(path, {**weights, "optimizer": run.optimizer.state_dict(),
                            "scheduler": run.scheduler.state_dict(), "rng": rngs[0],
                            **({"rng_ranks": rngs} if run.proc.world > 1 else {}), "config": run.cfg.to_dict(),
-                           "classes": list(run.task.classes), "params": count_params(run.model),
+                           "items": run.task.fmt.to_dict(), "params": count_params(run.model),
                            "scene": run.scene_spec, "task_state": run.task.state(),
                            "state": dataclasses.asdict(state), **extra})
 
@@ -377,9 +388,10 @@ def test(run: Training) -> dict:
                     "wall_time_s": st.wall_s + time.time() - run.t_start, f"val/{task.select}_best": st.best,
                     "best_epoch": st.best_epoch, "epochs": st.epoch, "hardware": hardware(run.proc.device)})
     if task.composite and run.reader is not None:
-        summary.update(score_oracle(run.reader, cfg.data.test_grid, run.sources.test, run.proc.device))
+        summary.update(score_oracle(run.reader, run.sources.test, run.proc.device, task.fmt))
         summary["oracle/ckpt"] = cfg.model["init_from"]
     results.update(summary)
+    write_predictions(task, test_out, test_t, run.sources.test, run.out_dir / "test_predictions.csv")
     for tag, fig in task.figures(test_out, test_t, run.sources.test, metrics).items():
         run.writer.add_figure(tag, fig, st.global_step, close=False)
         viz.save(fig, run.out_dir / "figures" / f"{tag.replace('/', '_')}.png")
@@ -398,9 +410,32 @@ def test(run: Training) -> dict:
     return results
 
 
-def score_oracle(reader: nn.Module, grid: int, source, device: torch.device) -> dict:
-    """oracle/* metrics: a reader on each occupied cell of the same composites."""
-    metrics, _, _ = score(reader, TileOracle(grid, fashion_mnist.CLASSES), source, device, with_loss=False)
+def write_splits(splits: dict, out_dir: Path) -> None:
+    """splits.csv: the split of every file of a user's data."""
+    if splits["train"].files is not None:
+        write_atomic(out_dir / "splits.csv", csv_text([["file", "split"], *([f, name] for name, split in
+                                                                            splits.items() for f in split.files)]))
+
+
+def write_predictions(task: Task, out: dict, target: torch.Tensor, source, path: Path) -> None:
+    """test_predictions.csv: per test item (its file or number) or composite, the true and predicted names and each
+    class's score, so a user sees which of their pictures were wrong."""
+    pred = task.labels(out)
+    true = target[:, None].tolist() if target.dim() == 1 else [row.nonzero().flatten().tolist() for row in target]
+    rows = [[i, " ".join(task.names(t)), " ".join(task.names(p)), *(f"{v:.4f}" for v in scores)]
+            for i, t, p, scores in zip(source.ids(), true, pred, out["scores"].tolist())]
+    write_atomic(path, csv_text([["item", "true", "predicted", *task.classes], *rows]))
+
+
+def csv_text(rows) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+def score_oracle(reader: nn.Module, source, device: torch.device, fmt) -> dict:
+    """oracle/* metrics: a reader on each item's box (a grid's cells) of the same composites."""
+    metrics, _, _ = score(reader, TileOracle(fmt), source, device, with_loss=False)
     log.info("tile oracle: f1_samples=%.4f exact_match=%.4f", metrics["f1_samples"], metrics["exact_match"])
     return {f"oracle/{k}": v for k, v in metrics.items()}
 

@@ -62,15 +62,23 @@ def confusion_matrix(cm: np.ndarray, classes) -> Figure:
     return fig
 
 
+def show(ax, image: torch.Tensor, **kwargs) -> None:
+    """A uint8 picture (C, H, W), gray or RGB, on an axis."""
+    if image.shape[0] == 1:
+        ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=255, **kwargs)
+    else:
+        ax.imshow(image.permute(1, 2, 0).numpy(), **kwargs)  # (C, H, W) -> (H, W, C)
+
+
 def labelled_grid(images: torch.Tensor, true: list[list[str]], pred: list[list[str]], cols: int = 6) -> Figure:
-    """Images (N, H, W) with their true and predicted names; a wrong prediction is red, missed names listed."""
+    """Pictures (N, C, H, W) with their true and predicted names; a wrong prediction is red, missed names listed."""
     n = len(images)
     rows = max(1, math.ceil(n / cols))
     fig, axes = _subplots(rows, cols, figsize=(cols * 2.0, rows * 2.5), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, t, p in zip(axes.flat, images, true, pred):
-        ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=255)
+        show(ax, img)
         right = set(t) == set(p)
         marks = [name if name in t else f"✗{name}" for name in p]
         ax.set_title(f"true: {', '.join(t)}\npred: {', '.join(marks) or '(none)'}", fontsize=6.5,
@@ -85,8 +93,8 @@ def attention(images: torch.Tensor, alphas: torch.Tensor, tokens: torch.Tensor, 
     side = int(round(math.sqrt(alphas.shape[2])))
     fig, axes = _subplots(n, steps + 1, figsize=((steps + 1) * 1.8, n * 1.9), squeeze=False)
     for i in range(n):
-        img = images[i].numpy()
-        axes[i, 0].imshow(img, cmap="gray", vmin=0, vmax=255)
+        img = images[i]
+        show(axes[i, 0], img)
         axes[i, 0].set_title("image", fontsize=7)
         for t in range(steps):
             if t > 0 and int(tokens[i, t - 1]) == end:
@@ -94,8 +102,8 @@ def attention(images: torch.Tensor, alphas: torch.Tensor, tokens: torch.Tensor, 
             ax = axes[i, t + 1]
             token = int(tokens[i, t])
             amap = alphas[i, t].view(1, 1, side, side).float()
-            amap = torch.nn.functional.interpolate(amap, size=img.shape, mode="nearest")[0, 0]
-            ax.imshow(img, cmap="gray", vmin=0, vmax=255)
+            amap = torch.nn.functional.interpolate(amap, size=img.shape[1:], mode="nearest")[0, 0]
+            show(ax, img)
             ax.imshow(amap.numpy(), cmap="magma", alpha=0.5, vmin=0, vmax=1)
             ax.set_title(f"{t + 1}: {classes[token] if token < end else 'END'}", fontsize=7)
         for ax in axes[i]:

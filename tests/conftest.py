@@ -21,7 +21,7 @@ from cnnrnn import build, checkpoint
 from cnnrnn.config import Config, preset
 from cnnrnn.data import fashion_mnist
 from cnnrnn.data.composite import CompositeSource
-from cnnrnn.data.fashion_mnist import CLASSES
+from cnnrnn.data.fashion_mnist import FORMAT
 from cnnrnn.tasks import Classification, LabelSequence, MultiLabelBCE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,6 +104,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def onnx_ready():
+    """Skip where the [export] extras (onnx, onnxruntime) are not installed."""
+    reason = "the [export] extras are not installed: pip install 'cnnrnn[export]'"
+    pytest.importorskip("onnx", reason=reason)
+    pytest.importorskip("onnxruntime", reason=reason)
+
+
 def real_data_available() -> bool:
     return any(all(fashion_mnist._path_in(d, n) for n in fashion_mnist.FILES) for d in REAL_DIRS)
 
@@ -171,13 +179,13 @@ def write_checkpoint(path: Path, task: str, root: Path, bias: dict[int, float] |
     """An untrained, complete, seeded checkpoint of tiny(root, task, **groups); `bias`: decoder output biases."""
     cfg = tiny(root, task, **groups)
     torch.manual_seed(seed)
-    model = build.model(cfg)
+    model = build.model(cfg, FORMAT)
     if bias:
         with torch.no_grad():
             for index, value in bias.items():
                 model.out.bias[index] = value
     model.eval()
-    checkpoint.save(path, {"model": model.state_dict(), "config": cfg.to_dict(), "classes": list(CLASSES),
+    checkpoint.save(path, {"model": model.state_dict(), "config": cfg.to_dict(), "items": FORMAT.to_dict(),
                            "task_state": task_state or {}})
     return cfg, model
 
@@ -198,16 +206,16 @@ def make_composites(split, size: int, grid: int = 2, min_items: int = 1, max_ite
 
 
 def single_task(tta: bool = False) -> Classification:
-    return Classification(CLASSES, 0.0, tta)
+    return Classification(FORMAT, 0.0, tta)
 
 
 def bce_task(threshold: float = 0.5, tta: bool = False) -> MultiLabelBCE:
-    return MultiLabelBCE(CLASSES, threshold, tta, 0.0)
+    return MultiLabelBCE(FORMAT, threshold, tta, 0.0)
 
 
 def sequence_task(order: str = "frequency", class_counts=None, tta: bool = False, target: str = "set",
                   max_items: int | None = None) -> LabelSequence:
-    return LabelSequence(CLASSES, order, class_counts, 0.0, tta, target, max_items)
+    return LabelSequence(FORMAT, order, class_counts, 0.0, tta, target, max_items)
 
 
 # --- runs trained once a session (read them, never change them) --------------------------------------------------

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import torch
+from conftest import make_composites
 
 from cnnrnn.data.augment import Augment, shift
 from cnnrnn.data.composite import cell_crops
-from cnnrnn.data.fashion_mnist import Split
+from cnnrnn.data.items import Split
 from cnnrnn.data.loader import batches
-
-from conftest import make_composites
 
 FULL = Augment(hflip=0.5, shift=2)
 
@@ -21,23 +20,26 @@ def split(n: int = 200) -> Split:
 
 
 def test_flip_mirrors_about_half_the_items_and_replays_by_seed():
-    items = torch.randint(0, 255, (400, 28, 28), dtype=torch.uint8)
+    items = torch.randint(0, 255, (400, 1, 28, 28), dtype=torch.uint8)
     out = Augment(hflip=0.5, shift=0)(items, seed=3)
-    mirrored, kept = (out == items.flip(-1)).all(dim=(1, 2)), (out == items).all(dim=(1, 2))
+    mirrored, kept = (out == items.flip(-1)).all(dim=(1, 2, 3)), (out == items).all(dim=(1, 2, 3))
     assert (mirrored | kept).all() and 150 < int(mirrored.sum()) < 250
     assert torch.equal(out, Augment(hflip=0.5, shift=0)(items, seed=3))
     assert not torch.equal(out, Augment(hflip=0.5, shift=0)(items, seed=4))
 
 
-def test_shift_moves_each_item_within_its_bounds_with_black_coming_in():
-    item = torch.zeros(1, 28, 28, dtype=torch.uint8)
-    item[0, 10:18, 10:18] = 200
-    moved = shift(item.expand(300, 28, 28), 2, torch.Generator().manual_seed(0))
+def test_shift_moves_each_item_within_its_bounds_with_the_background_coming_in():
+    item = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+    item[0, 0, 10:18, 10:18] = 200
+    moved = shift(item.expand(300, 1, 28, 28), 2, torch.Generator().manual_seed(0))
     assert (moved.flatten(1).sum(1) == item.sum()).all()            # a box away from the border: nothing lost
-    rows = moved.amax(2).argmax(1) - 10                              # the box's first row, relative
+    rows = moved[:, 0].amax(2).argmax(1) - 10                        # the box's first row, relative
     assert set(rows.tolist()) == {-2, -1, 0, 1, 2}
-    edge = torch.full((4, 28, 28), 9, dtype=torch.uint8)
+    edge = torch.full((4, 1, 28, 28), 9, dtype=torch.uint8)
     assert (shift(edge, 3, torch.Generator().manual_seed(1)) == 0).any()  # black comes in at the border
+    rgb = torch.zeros(4, 3, 28, 28, dtype=torch.uint8)
+    out = shift(rgb, 3, torch.Generator().manual_seed(1), background=(10, 20, 30))
+    assert set(out[:, 2].unique().tolist()) == {0, 30}               # the tone of each channel comes in
 
 
 def test_augmentation_keeps_every_label_and_cell_and_stays_inside_the_cells():
@@ -65,4 +67,4 @@ def test_augmentation_replays_by_seed_and_step_so_a_resumed_run_sees_the_same_ba
 def test_no_augmentation_and_an_empty_batch_leave_items_as_they_are():
     items = split(20).images
     assert torch.equal(Augment(hflip=0.0, shift=0)(items, seed=1), items)
-    assert FULL(items[:0], seed=1).shape == (0, 28, 28)
+    assert FULL(items[:0], seed=1).shape == (0, 1, 28, 28)

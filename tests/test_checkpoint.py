@@ -8,10 +8,10 @@ import stat
 import numpy as np
 import pytest
 import torch
+from conftest import half_writer
 
 from cnnrnn import checkpoint, files
 from cnnrnn.errors import UserError
-from conftest import half_writer
 
 
 class Killed(BaseException):

@@ -6,14 +6,14 @@ import inspect
 import numpy as np
 import pytest
 import torch
+from conftest import fake_items, make_composites, sequence_task
 
 from cnnrnn import engine
-from cnnrnn.data.fashion_mnist import Split
+from cnnrnn.data.fashion_mnist import FORMAT
+from cnnrnn.data.items import Split
 from cnnrnn.data.loader import batches
 from cnnrnn.models import build_model
 from cnnrnn.models.cnn import read_cells
-from cnnrnn.tasks import to_input
-from conftest import fake_items, make_composites, sequence_task
 
 END = 10
 LABELS = torch.tensor([[0, 1, 0, 1, 0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
@@ -183,15 +183,15 @@ def test_on_a_larger_picture_the_decoder_reads_the_occupied_cells_and_only_enoug
         fill(1, cell)
     fill(2, 4)
     fill(2, 0, high=3)                                  # a faint speck of noise: still an empty cell
-    read = net.cells_read(to_input(images), 3, 3)
+    read = net.cells_read(FORMAT.to_input(images), 3, 3)
     cells = lambda *on: [i in on for i in range(9)]    # noqa: E731
     assert read[0].tolist() == cells(0, 1, 2, 5)        # the 2 items and the first 2 empty cells: 4 in all
     assert read[1].tolist() == cells(*range(6))         # more items than 4 cells: every item, no empty cell
     assert read[2].tolist() == cells(0, 1, 2, 4)
-    assert net.cells_read(to_input(images[:, :56, :56]), 2, 2) is None           # the training size: all
-    feats, _, (h, _), _ = net.encode(to_input(images))          # the initial state: from the cells read only
+    assert net.cells_read(FORMAT.to_input(images[:, :56, :56]), 2, 2) is None           # the training size: all
+    feats, _, (h, _), _ = net.encode(FORMAT.to_input(images))          # the initial state: from the cells read only
     assert torch.allclose(h[0], torch.tanh(net.init_h(feats[0, read[0]].mean(0))), atol=1e-6)
-    out = net.generate(to_input(images), max_labels=9)
+    out = net.generate(FORMAT.to_input(images), max_labels=9)
     alpha = out["alpha"][:, :1]                                                   # (3, 1, 9): the first step
     assert (alpha[~read[:, None]] == 0).all() and torch.allclose(alpha.sum(-1), torch.ones(3, 1))
 

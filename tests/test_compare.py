@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import yaml
+from conftest import ROOT, run_main
 
 from cnnrnn import compare
-from conftest import ROOT, run_main
 
 CONTEXT = {  # arm -> (config, test f1_samples at degrade 0 / 0.5)
     "decoder": ({"task": "multilabel", "model": {"feedback": True}}, (0.95, 0.85)),

@@ -2,19 +2,26 @@
 from __future__ import annotations
 
 import torch
+from conftest import make_composites, sequence_task
 
 from cnnrnn.data import fashion_mnist as fm
 from cnnrnn.data.augment import Augment
-from cnnrnn.data.composite import (CellFeatures, MixedGridSource, cell_crops, counts_of, multi_hot,
-                                   render, sample_layout, with_black)
-from cnnrnn.data.fashion_mnist import Split
+from cnnrnn.data.composite import (
+    CellFeatures,
+    MixedGridSource,
+    cell_crops,
+    counts_of,
+    multi_hot,
+    render,
+    sample_layout,
+    with_background,
+)
+from cnnrnn.data.fashion_mnist import FORMAT
+from cnnrnn.data.items import Split
 from cnnrnn.data.loader import batches
 from cnnrnn.models.cnn import SmallCNN, read_cells
 from cnnrnn.ranks import Process
-from cnnrnn.tasks import to_input
 from cnnrnn.training import cell_features
-
-from conftest import make_composites
 
 CPU = Process(torch.device("cpu"), 0, 1, False, 0)
 
@@ -42,7 +49,7 @@ def test_canvas_cells_hold_the_placed_items_and_empty_cells_are_black():
     split = numbered_split(40)
     src = make_composites(split, size=64, grid=2, min_items=1, max_items=4, seed=3, fixed=True)
     batch = src.batch(src.order(None))
-    assert batch["image"].shape == (64, 56, 56) and batch["image"].dtype == torch.uint8
+    assert batch["image"].shape == (64, 1, 56, 56) and batch["image"].dtype == torch.uint8
     layout = src.order(None)
     cells = cell_crops(batch["image"], 2)
     for b in range(64):
@@ -61,17 +68,17 @@ def test_canvas_cells_hold_the_placed_items_and_empty_cells_are_black():
 def test_render_and_cell_crops_invert_each_other():
     split = numbered_split(30)
     layout = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8]])
-    canvas = render(with_black(split.images), layout, 3)
-    assert canvas.shape == (1, 84, 84)
-    assert canvas[0, 0, 28] == split.images[1, 0, 0] and canvas[0, 28, 0] == split.images[3, 0, 0]
+    canvas = render(with_background(split.images, (0,)), layout, 3)
+    assert canvas.shape == (1, 1, 84, 84)
+    assert canvas[0, 0, 0, 28] == split.images[1, 0, 0, 0] and canvas[0, 0, 28, 0] == split.images[3, 0, 0, 0]
     assert torch.equal(cell_crops(canvas, 3)[0], split.images[:9])
 
 
 def test_multi_hot_holds_each_class_once_and_counts_of_counts_the_cells():
     cells = torch.tensor([[3, 3, -1, 7], [-1, -1, -1, 0]])
-    hot = multi_hot(cells)
+    hot = multi_hot(cells, 10)
     assert hot.tolist()[0] == [0, 0, 0, 1, 0, 0, 0, 1, 0, 0] and hot[1].nonzero().flatten().tolist() == [0]
-    assert counts_of(cells).tolist()[0] == [0, 0, 0, 2, 0, 0, 0, 1, 0, 0]
+    assert counts_of(cells, 10).tolist()[0] == [0, 0, 0, 2, 0, 0, 0, 1, 0, 0]
 
 
 def test_train_composites_change_each_epoch_but_replay_exactly():
@@ -126,7 +133,7 @@ def test_mixed_grid_batches_are_each_one_size_and_replay_exactly(fake_root):
     src = MixedGridSource(subs, batch_size=20, seed=2)
     epoch = [b["image"] for b in batches(src, 20, epoch=1, drop_last=True)]
     sizes = [img.shape[1:] for img in epoch]
-    assert set(sizes) == {(56, 56), (84, 84)} and all(len(img) == 20 for img in epoch)
+    assert set(sizes) == {(1, 56, 56), (1, 84, 84)} and all(len(img) == 20 for img in epoch)
     again = [b["image"] for b in batches(src, 20, epoch=1, start=7, drop_last=True)]   # a resumed epoch
     assert all(torch.equal(a, b) for a, b in zip(epoch[7:], again)) and len(again) == len(epoch) - 7
     ranks = [[b["image"] for b in batches(src, 20, epoch=1, drop_last=True, rank=r, world=2)] for r in (0, 1)]
@@ -138,7 +145,7 @@ def test_mixed_grid_batches_are_each_one_size_and_replay_exactly(fake_root):
 def reader_and_features(split: Split):
     torch.manual_seed(0)
     reader = SmallCNN(channels=(4, 8), hidden=16).eval()
-    return reader, cell_features(reader, split.images, CPU)
+    return reader, cell_features(reader, split.images, sequence_task(), CPU)
 
 
 def test_cell_features_are_the_readers_features_of_the_cells_of_each_composite():
@@ -153,9 +160,9 @@ def test_cell_features_are_the_readers_features_of_the_cells_of_each_composite()
         assert torch.equal(cached[key], pixels[key])
     assert "image" not in cached and cached["feats"].shape == (10, 4, 16)
     with torch.no_grad():
-        assert torch.allclose(cached["feats"], read_cells(reader, to_input(pixels["image"])), atol=1e-5)
+        assert torch.allclose(cached["feats"], read_cells(reader, FORMAT.to_input(pixels["image"])), atol=1e-5)
         crops = cell_crops(pixels["image"], 2)
-        in_place = torch.stack([reader.embed(to_input(crops[:, i].flip(-1))) for i in range(4)], 1)
+        in_place = torch.stack([reader.embed(FORMAT.to_input(crops[:, i].flip(-1))) for i in range(4)], 1)
     assert torch.allclose(cached["feats_flip"], in_place, atol=1e-5)  # each cell mirrored where it is
 
 

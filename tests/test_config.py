@@ -5,8 +5,17 @@ import dataclasses
 
 import pytest
 
-from cnnrnn.config import (MAX_SEED, MODEL_OF, PRESETS, Config, check_key, from_dict, known_keys, preset,
-                           preset_dict)
+from cnnrnn.config import (
+    MAX_SEED,
+    MODEL_OF,
+    PRESETS,
+    Config,
+    check_key,
+    from_dict,
+    known_keys,
+    preset,
+    preset_dict,
+)
 from cnnrnn.data.composite import MAX_GRID
 from cnnrnn.errors import UserError
 
@@ -91,7 +100,7 @@ def test_from_dict_refuses_what_is_not_a_config(values, words):
     ("cnn", {"optim": {"warmup_epochs": 41}}, "optim.warmup_epochs=41.0 must be between 0 and trainer.epochs"),
     ("cnn", {"optim": {"label_smoothing": 1}}, "optim.label_smoothing=1.0 must be in [0, 1)"),
     ("multilabel", {"optim": {"reader_lr": 2}}, "optim.reader_lr=2.0 must be a share of optim.lr in [0, 1]"),
-    ("cnn", {"data": {"val_size": 0}}, "data.val_size=0 must be at least 1"),
+    ("cnn", {"data": {"val_size": 0}}, "data.val_size=0 must be a count (at least 1)"),
     ("cnn", {"data": {"shift": 9}}, "data.shift=9 must be between 0 and 8 pixels"),
     ("multilabel", {"data": {"min_items": 3, "max_items": 2}}, "data.min_items=3 is larger than data.max_items=2"),
     ("multilabel", {"data": {"max_items": 5}}, "more items than the 2x2 grid has cells"),

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import torch
+from conftest import make_composites
 
 from cnnrnn.data.composite import cell_crops
 from cnnrnn.data.degrade import degrade, uniform
-from cnnrnn.data.fashion_mnist import Split
+from cnnrnn.data.items import Split
 from cnnrnn.data.loader import ItemSource
-
-from conftest import make_composites
 
 
 def random_split(n: int = 100) -> Split:
@@ -44,7 +43,7 @@ def test_degraded_single_items_are_fixed_for_evaluation_and_drawn_afresh_for_tra
 
 
 def test_degrade_strength_hides_more_of_the_item():
-    items = torch.full((200, 28, 28), 200, dtype=torch.uint8)
+    items = torch.full((200, 1, 28, 28), 200, dtype=torch.uint8)
     diffs = [(degrade(items, torch.arange(200), s).float() - 200).abs().mean() for s in (0.2, 0.5, 0.9)]
     assert diffs[0] < diffs[1] < diffs[2]
 

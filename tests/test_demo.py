@@ -5,9 +5,9 @@ import json
 import subprocess
 
 import pytest
+from conftest import PYTHON, cli_env, needs_real_data
 
 from cnnrnn.data.fashion_mnist import CLASSES
-from conftest import PYTHON, cli_env, needs_real_data
 
 # The demo's own main, with its recipe made smaller still: the command's steps, in a minute rather than five.
 SMALLER = """

@@ -8,14 +8,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import bce_task, fake_items, make_composites
 from torch import nn
 
 from cnnrnn import build, engine
 from cnnrnn.config import preset
-from cnnrnn.data.fashion_mnist import Split
+from cnnrnn.data.fashion_mnist import FORMAT
+from cnnrnn.data.items import Split
 from cnnrnn.engine import NonFiniteLoss, resolve_amp
 from cnnrnn.errors import UserError
-from conftest import bce_task, fake_items, make_composites
 
 CPU = torch.device("cpu")
 
@@ -191,7 +192,7 @@ def test_score_gives_the_metrics_predictions_and_targets_of_a_whole_split_and_le
     images, labels = fake_items(200, 0)
     src = make_composites(Split(torch.from_numpy(images), torch.from_numpy(labels).long()), 30, seed=1, fixed=True)
     torch.manual_seed(0)
-    model = build.model(preset("multilabel_bce", model={"channels": [4, 8], "convs": 1, "cell_dim": 16}))
+    model = build.model(preset("multilabel_bce", model={"channels": [4, 8], "convs": 1, "cell_dim": 16}), FORMAT)
     task = bce_task()
     torch.manual_seed(5)
     expected_next = torch.rand(3)

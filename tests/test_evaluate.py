@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_main, tiny, write_checkpoint
 
-from cnnrnn import stages, checkpoint, evaluate
+from cnnrnn import checkpoint, evaluate, stages
 from cnnrnn.config import preset
 from cnnrnn.errors import UserError
-from conftest import run_main, tiny, write_checkpoint
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present here")
 
@@ -67,7 +67,7 @@ def test_evaluate_builds_test_composites_of_another_grid(fake_root, tmp_path):
     write_checkpoint(tmp_path / "bce.pt", "multilabel_bce", fake_root)    # global max pool: any grid as well
     assert evaluate.evaluate_checkpoint(tmp_path / "bce.pt", grid=3)["test/max_items"] == 9
     write_checkpoint(tmp_path / "cnn.pt", "cnn", fake_root)
-    with pytest.raises(UserError, match="single-label task=cnn model that reads one 28x28 item; drop them"):
+    with pytest.raises(UserError, match="single-label task=cnn model that reads one item; drop them"):
         evaluate.evaluate_checkpoint(tmp_path / "cnn.pt", grid=3)
     with pytest.raises(UserError, match="--max-items 10 must be between 1 and the 9 cells of a 3x3 grid"):
         evaluate.evaluate_checkpoint(tmp_path / "m.pt", grid=3, max_items=10)
@@ -76,26 +76,20 @@ def test_evaluate_builds_test_composites_of_another_grid(fake_root, tmp_path):
 def test_evaluate_refusals_come_before_any_work(fake_root, tmp_path, capsys):
     single = tmp_path / "cnn.pt"
     write_checkpoint(single, "cnn", tmp_path / "no-data-here")  # a refusal must not need the data
-    code, out, err = run_main(capsys, evaluate.main, single, "--oracle", single)
-    assert code == 2 and out == ""
-    assert err.strip() == (f"error: --oracle scores multi-label checkpoints against the tile oracle, but {single} "
-                           f"holds a single-label task=cnn model; drop --oracle.")
     code, _, err = run_main(capsys, evaluate.main, tmp_path / "model.onnx")
     assert code == 2 and "is an exported ONNX model, but evaluate reads checkpoints" in err
     multi = tmp_path / "multi.pt"
     write_checkpoint(multi, "multilabel", fake_root)
-    code, _, err = run_main(capsys, evaluate.main, multi, "--oracle", tmp_path / "missing.pt")
-    assert code == 2 and "missing.pt does not exist" in err and "Traceback" not in err
     code, out, err = run_main(capsys, evaluate.main, multi, "--grid", "17")
     assert code == 2 and out == "" and err == "error: --grid 17 must be from 1 to 16 (cells per side).\n"
-    code, _, err = run_main(capsys, evaluate.main, single, "--data-root", tmp_path / "typo")
-    assert code == 2 and err.strip() == (f"error: --data-root {tmp_path / 'typo'} is not a folder; give the folder "
-                                         f"that holds the four Fashion-MNIST files.")
+    code, _, err = run_main(capsys, evaluate.main, single, "--data", tmp_path / "typo")
+    assert code == 2 and err.strip() == (f"error: --data {tmp_path / 'typo'} does not exist; give a folder of class "
+                                         f"folders or a CSV of your pictures.")
 
 
 def test_a_checkpoint_whose_config_is_a_string_is_one_sentence_naming_it(tmp_path, capsys):
     path = tmp_path / "odd.pt"
-    checkpoint.save(path, {"model": {}, "config": "task: cnn"})
+    checkpoint.save(path, {"model": {}, "config": "task: cnn", "items": {}})
     code, out, err = run_main(capsys, evaluate.main, path)
     assert code == 2 and out == "" and err.startswith(f"error: {path} holds a 'config' of type str")
     assert len(err.splitlines()) == 1

@@ -8,23 +8,16 @@ import sys
 
 import pytest
 import torch
+from conftest import composites, make_composites, run_main, write_checkpoint
 
 from cnnrnn import build, checkpoint, export, files
 from cnnrnn.config import from_dict
-from cnnrnn.data.fashion_mnist import CLASSES, splits
+from cnnrnn.data.fashion_mnist import CLASSES, FORMAT, splits
 from cnnrnn.errors import UserError
 from cnnrnn.inference import OnnxModel
-from cnnrnn.tasks import make_task, to_input
-from conftest import composites, make_composites, run_main, write_checkpoint
+from cnnrnn.tasks import make_task
 
 TRAINED: dict[str, dict] = {}  # the fake data are the same in every test: train the decoder once per session
-
-
-@pytest.fixture
-def onnx_ready():
-    reason = "the [export] extras are not installed: pip install 'cnnrnn[export]'"
-    pytest.importorskip("onnx", reason=reason)
-    pytest.importorskip("onnxruntime", reason=reason)
 
 
 def briefly_train(model, cfg, root, steps: int = 20) -> None:
@@ -32,7 +25,7 @@ def briefly_train(model, cfg, root, steps: int = 20) -> None:
     if "multilabel" not in TRAINED:
         data = splits(root, val_size=100)
         src = make_composites(data["train"], 50 * steps, seed=1, fixed=True)
-        task = make_task(cfg, data["train"].labels)
+        task = make_task(cfg, FORMAT, data["train"].labels)
         opt = torch.optim.Adam(model.parameters(), lr=3e-2)
         model.train()
         for i in range(steps):
@@ -70,7 +63,7 @@ def test_onnxruntime_agrees_with_pytorch(onnx_ready, fake_root, tmp_path, task, 
     onnx_model = OnnxModel(path)
     images = images_for(task, fake_root)
     out = onnx_model.run(images)
-    x = to_input(images)
+    x = FORMAT.to_input(images)
     with torch.no_grad():
         if task in ("lstm", "cnn"):
             logits = model(x)
@@ -88,7 +81,7 @@ def test_onnxruntime_agrees_with_pytorch(onnx_ready, fake_root, tmp_path, task, 
             lengths = (tokens < len(CLASSES)).sum(1)
             assert lengths.min() < lengths.max() and lengths.max() >= 2  # a real test: sets of several sizes
     labels, _ = onnx_model.predict(images)
-    assert labels == make_task(from_dict(onnx_model.config)).labels({k: torch.from_numpy(v) for k, v in out.items()})
+    assert labels == make_task(from_dict(onnx_model.config), FORMAT).labels({k: torch.from_numpy(v) for k, v in out.items()})
 
 
 @pytest.mark.parametrize("task", ["lstm", "multilabel"])
@@ -109,13 +102,14 @@ def test_metadata_says_everything_an_onnx_user_needs(onnx_ready, fake_root, tmp_
     assert code == 0, err
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
-    assert meta["format"] == "cnnrnn-onnx/2" and meta["kind"] == "bce" and meta["task"] == "multilabel_bce"
+    assert meta["format"] == "cnnrnn-onnx/3" and meta["kind"] == "bce" and meta["task"] == "multilabel_bce"
     assert json.loads(meta["classes"]) == list(CLASSES) and json.loads(meta["task_state"]) == {"threshold": 0.37}
-    assert json.loads(meta["input"])["shape"] == ["batch", 56, 56] and "light item on black" in meta["input"]
+    assert json.loads(meta["data"]) == FORMAT.to_dict() and "padded with the tone [0]" in meta["input"]
+    assert json.loads(meta["input"])["shape"] == ["batch", 1, 56, 56]
     assert json.loads(meta["config"])["task"] == "multilabel_bce" and "scaling" in json.loads(meta["input"])
     assert set(json.loads(meta["outputs"])) == {"scores"} and meta["tta"] == "false"
     inp = session.get_inputs()[0]
-    assert inp.name == "images" and inp.type == "tensor(uint8)" and inp.shape == ["batch", 56, 56]
+    assert inp.name == "images" and inp.type == "tensor(uint8)" and inp.shape == ["batch", 1, 56, 56]
 
 
 def test_a_trained_runs_checkpoint_exports_from_the_command_line(onnx_ready, fake_root, multilabel_run, tmp_path,
@@ -135,7 +129,7 @@ def test_a_beam_search_model_exports_its_greedy_decoding_with_a_warning(onnx_rea
     assert "model.beam_size=3: the exported graph decodes greedily" in caplog.text
     images = images_for("multilabel", fake_root)
     tokens = torch.from_numpy(OnnxModel(path).run(images)["tokens"])
-    assert torch.equal(tokens, model.generate(to_input(images), beam_size=1)["tokens"]) and model.beam_size == 3
+    assert torch.equal(tokens, model.generate(FORMAT.to_input(images), beam_size=1)["tokens"]) and model.beam_size == 3
 
 
 def test_a_failed_write_over_an_existing_onnx_file_leaves_it_loadable(onnx_ready, fake_root, tmp_path,

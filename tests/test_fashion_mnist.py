@@ -7,10 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    N_TEST,
+    N_TRAIN,
+    fake_items,
+    idx_bytes,
+    needs_real_data,
+    write_dataset,
+)
 
 from cnnrnn.data import fashion_mnist as fm
 from cnnrnn.errors import UserError
-from conftest import N_TEST, N_TRAIN, fake_items, idx_bytes, needs_real_data, write_dataset
 
 
 def parse(data: bytes, magic: int = 2051, count: int = 5):
@@ -57,7 +64,7 @@ def test_load_reads_gz_and_raw_alike(fake_spec, tmp_path):
     write_dataset(tmp_path / "gz", gz=True)
     write_dataset(tmp_path / "raw", gz=False)
     a, b = fm.load(tmp_path / "gz"), fm.load(tmp_path / "raw")
-    assert a["train"].images.shape == (N_TRAIN, 28, 28) and a["train"].images.dtype == torch.uint8
+    assert a["train"].images.shape == (N_TRAIN, 1, 28, 28) and a["train"].images.dtype == torch.uint8
     assert a["test"].labels.shape == (N_TEST,) and a["test"].labels.dtype == torch.int64
     assert torch.equal(a["train"].images, b["train"].images)
 
@@ -111,7 +118,7 @@ def test_limit_cuts_the_training_part_only(fake_spec, fake_root):
 
 
 def test_val_size_larger_than_the_training_set_is_refused(fake_spec, fake_root):
-    with pytest.raises(UserError, match="data.val_size=600 must be between 10 and 590"):
+    with pytest.raises(UserError, match="data.val_size=600 must hold between 10 and 590 items"):
         fm.splits(fake_root, val_size=600)
 
 

@@ -7,10 +7,10 @@ import os
 import subprocess
 
 import pytest
+from conftest import half_writer
 
 from cnnrnn import files
 from cnnrnn.errors import UserError
-from conftest import half_writer
 
 
 def full_disk(*args, **kwargs):

@@ -6,30 +6,23 @@ import sys
 
 import pytest
 import torch
+from conftest import composites, write_checkpoint
 
 from cnnrnn import export, inference
 from cnnrnn.data import fashion_mnist
 from cnnrnn.data.fashion_mnist import CLASSES
 from cnnrnn.errors import UserError
-from conftest import composites, write_checkpoint
-
-
-@pytest.fixture
-def onnx_ready():
-    reason = "the [export] extras are not installed: pip install 'cnnrnn[export]'"
-    pytest.importorskip("onnx", reason=reason)
-    pytest.importorskip("onnxruntime", reason=reason)
 
 
 def test_a_checkpoint_says_what_it_reads_and_names(fake_root, tmp_path):
     write_checkpoint(tmp_path / "cnn.pt", "cnn", fake_root)
     single = inference.load(str(tmp_path / "cnn.pt"))
-    assert (single.side, single.classes, single.any_grid, single.multiset) == (28, list(CLASSES), False, False)
+    assert (single.side, single.classes, single.composite, single.multiset) == (28, CLASSES, False, False)
     labels, scores = single.infer(torch.zeros(3, 28, 28, dtype=torch.uint8))
     assert len(labels) == 3 and all(len(row) == 1 for row in labels) and scores.shape == (3, 10)
     write_checkpoint(tmp_path / "m.pt", "multilabel", fake_root, model={"target": "multiset"})
     multi = inference.load(str(tmp_path / "m.pt"), max_items=2)
-    assert (multi.side, multi.any_grid, multi.multiset) == (56, True, True)
+    assert (multi.side, multi.composite, multi.multiset) == (56, True, True)
     labels, scores = multi.infer(torch.randint(0, 255, (4, 84, 84), dtype=torch.uint8))
     assert all(len(row) <= 2 for row in labels) and scores.shape == (4, 10)
 
@@ -54,7 +47,7 @@ def test_an_onnx_file_predicts_what_its_checkpoint_predicts(onnx_ready, fake_roo
     images = (composites(fake_root, 12)["image"] if task == "multilabel"
               else fashion_mnist.splits(fake_root, val_size=100)["test"].images[:12])
     from_ckpt, from_onnx = inference.load(str(tmp_path / "m.pt")), inference.load(str(tmp_path / "m.onnx"))
-    assert (from_onnx.side, from_onnx.classes, from_onnx.any_grid) == (from_ckpt.side, list(CLASSES), False)
+    assert (from_onnx.side, from_onnx.classes, from_onnx.composite) == (from_ckpt.side, CLASSES, False)
     (a, sa), (b, sb) = from_ckpt.infer(images), from_onnx.infer(images)
     assert a == b and torch.allclose(sa, sb, atol=1e-4)
 
@@ -90,8 +83,8 @@ def test_metadata_of_an_exported_file_must_be_complete(onnx_ready, fake_root, tm
     export.export_checkpoint(tmp_path / "m.pt", tmp_path / "m.onnx")
     model = onnx.load(str(tmp_path / "m.onnx"))
     for entry in model.metadata_props:
-        if entry.key == "classes":
-            entry.value = json.dumps(["a", "b"])
+        if entry.key == "data":
+            entry.value = json.dumps({"classes": ["a", "b"], "colour": 1})
     onnx.save(model, str(tmp_path / "odd.onnx"))
     with pytest.raises(UserError, match="carries cnnrnn metadata that this version cannot use"):
         inference.OnnxModel(tmp_path / "odd.onnx")
@@ -116,5 +109,5 @@ def test_a_graph_that_does_not_match_its_metadata_is_refused(onnx_ready, fake_ro
     multi.metadata_props.extend(cnn.metadata_props)           # another task's metadata on a 56x56 graph
     onnx.save(multi, str(tmp_path / "swapped.onnx"))
     with pytest.raises(UserError, match=r"swapped.onnx's graph does not match its metadata \(it reads "
-                                        r"\[\('images', 'tensor\(uint8\)', \[56, 56\]\)\].*export its checkpoint again"):
+                                        r"\[\('images', 'tensor\(uint8\)', \[1, 56, 56\]\)\].*export its checkpoint again"):
         inference.OnnxModel(tmp_path / "swapped.onnx")

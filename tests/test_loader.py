@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from cnnrnn.data.augment import Augment
-from cnnrnn.data.fashion_mnist import Split
+from cnnrnn.data.items import Split
 from cnnrnn.data.loader import ItemSource, batches, epoch_seed, num_batches
 
 

@@ -1,4 +1,5 @@
-"""python -m cnnrnn.predict: JSON lines, pixel ranges, any grid up to 16x16, bad images skipped with exit 2."""
+"""python -m cnnrnn.predict: JSON lines, pictures converted as training's, any grid up to 16x16, bad pictures skipped
+with exit 2."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,11 +12,11 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from conftest import PYTHON, ROOT, cli_env, composites, run_main, write_checkpoint
 from PIL import Image
 
 from cnnrnn import inference, predict
 from cnnrnn.data.fashion_mnist import CLASSES
-from conftest import PYTHON, ROOT, cli_env, composites, run_main, write_checkpoint
 
 END = len(CLASSES)
 
@@ -42,8 +43,8 @@ def test_png_round_trip_gives_the_in_memory_labels(fake_root, tmp_path, capsys, 
     folder = tmp_path / "pngs"
     folder.mkdir()
     for i, img in enumerate(batch["image"]):
-        Image.fromarray(img.numpy()).save(folder / f"{i:02d}.png")
-    Image.fromarray(batch["image"][0].numpy()).convert("RGB").save(tmp_path / "rgb.png")
+        Image.fromarray(img[0].numpy()).save(folder / f"{i:02d}.png")
+    Image.fromarray(batch["image"][0, 0].numpy()).convert("RGB").save(tmp_path / "rgb.png")
     code, records, err = run_predict(capsys, ckpt, folder, tmp_path / "rgb.png")
     assert code == 0, err
     expected, scores = inference.load(str(ckpt)).infer(batch["image"])
@@ -63,18 +64,15 @@ def test_bad_images_are_reported_and_the_rest_predicted(fake_root, tmp_path, cap
     not_image.write_text("not an image")
     (tmp_path / "empty").mkdir()
     code, records, err = run_predict(capsys, ckpt, not_image, wrong_size, good, tmp_path / "empty")
-    assert code == 2 and [r["image"] for r in records] == [str(good)]
-    assert "notes.png is not a readable image" in err and "big.png is 30x30 pixels" in err and "--resize" in err
-    assert "empty holds no image files" in err and "Traceback" not in err
-    assert all(line.startswith("error: ") for line in err.splitlines())
-    code, records, err = run_predict(capsys, ckpt, wrong_size, "--resize")
-    assert code == 0 and len(records) == 1
+    assert code == 2 and [r["image"] for r in records] == [str(wrong_size), str(good)]  # any size: converted
+    assert "notes.png is not a readable image" in err and "empty holds no picture files" in err
+    assert "Traceback" not in err and all(line.startswith("error: ") for line in err.splitlines())
 
 
 def test_8_bit_16_bit_and_float_images_of_one_composite_give_one_prediction(fake_root, tmp_path, capsys):
     ckpt = tmp_path / "m.pt"
     write_checkpoint(ckpt, "multilabel", fake_root)
-    pixels = composites(fake_root, 1)["image"][0].numpy()
+    pixels = composites(fake_root, 1)["image"][0, 0].numpy()
     Image.fromarray(pixels).save(tmp_path / "a8.png")
     Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "a16.png")        # 16-bit PNG ("I;16")
     Image.fromarray(pixels.astype(np.float32) / 255).save(tmp_path / "af01.tif")      # float in [0, 1]
@@ -146,38 +144,23 @@ def test_a_nan_score_skips_that_image_and_the_output_stays_json(fake_root, tmp_p
     monkeypatch.setattr(inference, "load", load)
     code, records, err = run_predict(capsys, ckpt, *[tmp_path / f"{n}.png" for n in "abc"])
     assert code == 2 and [r["image"] for r in records] == [str(tmp_path / f"{n}.png") for n in "ac"]
-    assert err.strip() == (f"error: {tmp_path / 'b.png'}: the model gave NaN or infinite scores for this image, "
-                           f"so it has no prediction; check the image and the checkpoint.")
+    assert err.strip() == (f"error: {tmp_path / 'b.png'}: the model gave NaN or infinite scores for this picture, "
+                           f"so it has no prediction; check the picture and the checkpoint.")
 
 
-def test_a_multi_label_checkpoint_reads_any_multiple_of_28_and_refuses_other_sizes(fake_root, tmp_path, capsys):
+def test_a_multi_label_checkpoint_reads_any_multiple_of_28_and_converts_other_sizes(fake_root, tmp_path, capsys):
     ckpt = tmp_path / "m.pt"
     write_checkpoint(ckpt, "multilabel", fake_root, bias={END: -50.0})     # END never likely: one label per cell
     images = composites(fake_root, 2, grid=3)["image"]
     big, wide, odd = tmp_path / "big.png", tmp_path / "wide.png", tmp_path / "odd.png"
-    Image.fromarray(images[0].numpy()).save(big)
-    Image.fromarray(images[1, :56].numpy()).save(wide)                 # 84 wide, 56 high: 2 x 3 cells
-    blank(odd, 70, 70)
-    code, records, err = run_predict(capsys, ckpt, big, odd, wide)
-    assert code == 2 and [r["image"] for r in records] == [str(big), str(wide)]
-    assert [len(r["labels"]) for r in records] == [9, 6]
-    lines = [line for line in err.splitlines() if line]
-    assert len(lines) == 1 and "odd.png is 70x70 pixels" in lines[0] and "multiples of 28" in lines[0]
-    assert "--resize" in lines[0]       # the way out
-    code, records, err = run_predict(capsys, ckpt, odd, "--resize", "--max-items", "3")
+    Image.fromarray(images[0, 0].numpy()).save(big)
+    Image.fromarray(images[1, 0, :56].numpy()).save(wide)              # 84 wide, 56 high: 2 x 3 cells
+    blank(odd, 70, 70)                                                  # made the training pictures' 56x56
+    blank(tmp_path / "huge.png", 17 * 28, 17 * 28)                      # beyond 16x16 cells: made 56x56 too
+    code, records, err = run_predict(capsys, ckpt, big, odd, wide, tmp_path / "huge.png")
+    assert code == 0 and err == "" and [len(r["labels"]) for r in records] == [9, 4, 6, 4]
+    code, records, err = run_predict(capsys, ckpt, odd, "--max-items", "3")
     assert code == 0 and len(records) == 1 and len(records[0]["labels"]) <= 3
-
-
-def test_a_picture_of_more_than_16x16_cells_is_refused_in_one_line_and_the_next_is_predicted(fake_root, tmp_path,
-                                                                                            capsys):
-    ckpt = tmp_path / "m.pt"
-    write_checkpoint(ckpt, "multilabel_bce", fake_root)
-    blank(tmp_path / "a_huge.png", 17 * 28, 17 * 28)
-    blank(tmp_path / "b_largest.png", 16 * 28, 16 * 28)
-    code, records, err = run_predict(capsys, ckpt, tmp_path / "a_huge.png", tmp_path / "b_largest.png")
-    assert code == 2 and [r["image"] for r in records] == [str(tmp_path / "b_largest.png")]
-    assert err == (f"error: {tmp_path / 'a_huge.png'} is 476x476 pixels, 289 cells of 28x28, more than the 256 "
-                   f"(16x16) a model reads; crop it, or pass --resize to scale it to 56x56.\n")
 
 
 def test_a_multiset_model_repeats_labels_and_adds_counts(fake_root, tmp_path, capsys):
@@ -214,7 +197,7 @@ def test_predict_on_the_onnx_file_equals_predict_on_its_checkpoint(fake_root, tm
     folder = tmp_path / "pngs"
     folder.mkdir()
     for i, img in enumerate(composites(fake_root)["image"]):
-        Image.fromarray(img.numpy()).save(folder / f"{i:02d}.png")
+        Image.fromarray(img[0].numpy()).save(folder / f"{i:02d}.png")
     code, from_ckpt, err = run_predict(capsys, ckpt, folder)
     assert code == 0, err
     code, from_onnx, err = run_predict(capsys, onnx_file, folder)

@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import PYTHON, ROOT, cli_env, needs_real_data, scalars
 
 from cnnrnn import checkpoint, ranks
 from cnnrnn.config import preset
 from cnnrnn.errors import UserError
-from conftest import PYTHON, ROOT, cli_env, needs_real_data, scalars
 
 
 def test_rank_seeds_keep_rank_zero_and_differ_per_rank():

@@ -5,10 +5,10 @@ import os
 import threading
 
 import pytest
+from conftest import files_in
 
 from cnnrnn import rundir
 from cnnrnn.errors import UserError
-from conftest import files_in
 
 
 def test_a_new_folder_is_created_and_locked(tmp_path):

@@ -5,14 +5,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_composites
 
 from cnnrnn.config import CONFIG_DIR
-from cnnrnn.data.fashion_mnist import CLASSES, Split
 from cnnrnn.data.composite import multi_hot
-from cnnrnn.data.scene import Scene, format_statistics, item_of_class, label_statistics, read_scene
+from cnnrnn.data.fashion_mnist import CLASSES
+from cnnrnn.data.items import Split
+from cnnrnn.data.scene import (
+    Scene,
+    format_statistics,
+    item_of_class,
+    label_statistics,
+    read_scene,
+)
 from cnnrnn.errors import UserError
-
-from conftest import make_composites
 
 COAT, TROUSER, TSHIRT, SANDAL = (CLASSES.index(c) for c in ("Coat", "Trouser", "T-shirt/top", "Sandal"))
 TWO_STYLES = {"noise": 0.0, "styles": {
@@ -28,9 +34,9 @@ def tagged_split(n: int, tag: int = 0) -> Split:
 
 
 def test_scene_draws_follow_the_files_co_occurrence():
-    src = make_composites(tagged_split(500), 20_000, scene=Scene(TWO_STYLES), seed=1, fixed=True)
+    src = make_composites(tagged_split(500), 20_000, scene=Scene(TWO_STYLES, "scene", CLASSES), seed=1, fixed=True)
     layout = src.order(None)
-    stats = label_statistics(multi_hot(torch.where(layout >= 0, src.split.labels[layout.clamp(min=0)], -1)))
+    stats = label_statistics(multi_hot(torch.where(layout >= 0, src.split.labels[layout.clamp(min=0)], -1), 10))
     freq, cond = stats["freq"], stats["cond"]
     assert freq[COAT] == pytest.approx(0.5, abs=0.02) and freq[TSHIRT] == pytest.approx(0.5, abs=0.02)
     assert cond[COAT][TROUSER] == pytest.approx(0.6, abs=0.02)     # P(Trouser | Coat): the slot's p
@@ -40,16 +46,16 @@ def test_scene_draws_follow_the_files_co_occurrence():
 
 
 def test_outfit_scene_carries_much_more_context_than_uniform():
-    outfit = Scene(read_scene("outfit", CONFIG_DIR / "scene"))
+    outfit = Scene(read_scene("outfit", CONFIG_DIR / "scene", CLASSES), "outfit", CLASSES)
     split = tagged_split(1000)
     rich = make_composites(split, 10, scene=outfit).statistics(20_000)
     flat = make_composites(split, 10).statistics(20_000)
     assert rich["total_correlation"] > 1.0 > 0.3 > flat["total_correlation"]
-    assert "total correlation" in format_statistics(rich) and len(format_statistics(rich).splitlines()) == 13
+    assert "total correlation" in format_statistics(rich, CLASSES) and len(format_statistics(rich, CLASSES).splitlines()) == 13
 
 
 def test_scene_composites_use_only_their_split_and_replay_by_seed():
-    scene = Scene(read_scene("outfit", CONFIG_DIR / "scene"))
+    scene = Scene(read_scene("outfit", CONFIG_DIR / "scene", CLASSES), "outfit", CLASSES)
     split = Split(torch.full((300, 28, 28), 77, dtype=torch.uint8), torch.arange(300) % 10)
     a = make_composites(split, 200, scene=scene, seed=4, fixed=True)
     b = make_composites(split, 200, scene=scene, seed=4, fixed=True)
@@ -65,10 +71,11 @@ def test_scene_composites_use_only_their_split_and_replay_by_seed():
 def test_items_of_a_class_are_drawn_from_that_class_and_a_missing_class_is_refused():
     labels = torch.tensor([3, 1, 3, 0, 1, 3, 2, 4, 5, 6, 7, 8, 9])
     cls = torch.tensor([3, 3, 1, 0])
-    picked = item_of_class(labels, cls, torch.tensor([0.0, 0.99, 0.5, 0.3]))
+    picked = item_of_class(labels, cls, torch.tensor([0.0, 0.99, 0.5, 0.3]), 10)
     assert labels[picked].tolist() == cls.tolist()
+    scene = Scene(read_scene("outfit", CONFIG_DIR / "scene", CLASSES), "outfit", CLASSES)
     with pytest.raises(UserError, match="no item of class Ankle boot.*raise data.limit"):
-        item_of_class(labels[:-1], cls, torch.rand(4))
+        scene.sample(4, labels[:-1], 2, 1, 4, torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -82,25 +89,25 @@ def test_items_of_a_class_are_drawn_from_that_class_and_a_missing_class_is_refus
 ])
 def test_bad_scene_specs_are_refused_in_one_sentence(spec, message):
     with pytest.raises(UserError, match=message):
-        Scene(spec)
+        Scene(spec, "scene", CLASSES)
 
 
 def test_unknown_scene_name_and_unreadable_file_are_refused(tmp_path):
     with pytest.raises(UserError, match="data.scene=outfitt: no scene file .* choose uniform or one of outfit"):
-        read_scene("outfitt", CONFIG_DIR / "scene")
+        read_scene("outfitt", CONFIG_DIR / "scene", CLASSES)
     bad = tmp_path / "bad.yaml"
     bad.write_text("styles: [unclosed\n")
     with pytest.raises(UserError, match="not readable YAML"):
-        read_scene(str(bad), CONFIG_DIR / "scene")
+        read_scene(str(bad), CONFIG_DIR / "scene", CLASSES)
     listed = tmp_path / "list.yaml"
     listed.write_text("- a\n- b\n")
     with pytest.raises(UserError, match="does not hold a mapping"):
-        read_scene(str(listed), CONFIG_DIR / "scene")
-    assert read_scene("uniform", CONFIG_DIR / "scene") is None
+        read_scene(str(listed), CONFIG_DIR / "scene", CLASSES)
+    assert read_scene("uniform", CONFIG_DIR / "scene", CLASSES) is None
 
 
 def test_scene_files_shipped_parse():
     shipped = sorted(Path(CONFIG_DIR / "scene").glob("*.yaml"))
     assert shipped
     for path in shipped:
-        Scene(read_scene(str(path), CONFIG_DIR / "scene"))
+        Scene(read_scene(str(path), CONFIG_DIR / "scene", CLASSES), "s", CLASSES)

@@ -5,11 +5,11 @@ import logging
 import os
 
 import pytest
+from conftest import tiny, tiny_args
 
 from cnnrnn import shell
 from cnnrnn.config import preset
 from cnnrnn.errors import UserError
-from conftest import tiny, tiny_args
 
 
 def refusal(argv: list[str]) -> str:

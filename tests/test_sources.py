@@ -10,7 +10,8 @@ from cnnrnn.config import Config, preset
 from cnnrnn.data import sources
 from cnnrnn.data.augment import Augment
 from cnnrnn.data.composite import CompositeSource
-from cnnrnn.data.fashion_mnist import Split
+from cnnrnn.data.fashion_mnist import FORMAT
+from cnnrnn.data.items import Split
 from cnnrnn.data.loader import ItemSource, batches
 from cnnrnn.tasks import make_task
 
@@ -40,7 +41,7 @@ def config(case: str, seed: int = 0) -> Config:
 
 
 def make(cfg: Config, data: dict[str, Split], device=None) -> sources.Sources:
-    return make_task(cfg).sources(cfg, data, device=device)
+    return make_task(cfg, FORMAT).sources(cfg, data, device=device)
 
 
 def all_batches(src) -> list[dict[str, torch.Tensor]]:
@@ -128,7 +129,7 @@ def test_augmentation_is_for_training_only():
     src = make(cfg, data)
     assert isinstance(src.train.augment, Augment)
     assert src.val.augment is None and src.test.augment is None and src.train_eval.augment is None
-    assert sources.augmentation(preset("multilabel", data={"augment": False}).data) is None
+    assert sources.augmentation(preset("multilabel", data={"augment": False}).data, FORMAT) is None
 
 
 def test_composites_of_a_mixed_grid_are_validated_and_tested_on_the_largest():

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_main, tiny, tiny_args, write_dataset
 
 from cnnrnn import build, checkpoint, stages, tasks, train
 from cnnrnn.config import preset
 from cnnrnn.data import fashion_mnist
 from cnnrnn.data.composite import CompositeSource
-from cnnrnn.training import score_oracle
+from cnnrnn.data.fashion_mnist import FORMAT
 from cnnrnn.errors import UserError
-from conftest import run_main, tiny, tiny_args, write_dataset
+from cnnrnn.training import score_oracle
 
 
 def test_a_composite_run_trains_its_reader_once_and_a_second_run_reuses_it(fake_root, tmp_path):
@@ -35,9 +36,9 @@ def test_a_composite_run_trains_its_reader_once_and_a_second_run_reuses_it(fake_
     assert first["oracle/ckpt"] == second["oracle/ckpt"] == str(best)
     assert first["oracle/f1_samples"] == second["oracle/f1_samples"]
     splits = fashion_mnist.splits(fake_root, cfg.data.val_size)
-    test = tasks.make_task(cfg).sources(cfg, splits).test
+    test = tasks.make_task(cfg, FORMAT).sources(cfg, splits).test
     assert isinstance(test, CompositeSource)
-    oracle = score_oracle(build.reader_model(best), cfg.data.test_grid, test, torch.device("cpu"))
+    oracle = score_oracle(build.reader_model(best), cfg.data.test_grid, test, torch.device("cpu"), FORMAT)
     assert oracle["oracle/f1_samples"] == first["oracle/f1_samples"]
     # optim.reader_lr=0 (the default): the reader is frozen, so the trained model holds the reader as it was
     reader = checkpoint.load(best)["model"]
@@ -51,7 +52,7 @@ def test_without_the_reader_stage_there_is_no_oracle_and_the_whole_model_trains(
     cfg = tiny(fake_root, "multilabel", trainer={"epochs": 1}, reader={"train": False, "cache": str(tmp_path / "r")})
     assert stages.prepare(cfg, tmp_path / "run") == (cfg, [])
     torch.manual_seed(cfg.seed)
-    initial = build.model(cfg).state_dict()  # the run builds its model right after seeding the same way
+    initial = build.model(cfg, FORMAT).state_dict()  # the run builds its model right after seeding the same way
     metrics = stages.run(cfg, tmp_path / "run")
     assert not any(k.startswith("oracle/") for k in metrics) and not (tmp_path / "r").exists()
     trained = checkpoint.load(tmp_path / "run" / "checkpoints" / "best.pt")["train_model"]
@@ -140,7 +141,7 @@ def test_a_damaged_cached_reader_is_named_as_the_cache_entry_with_the_fix(fake_r
     with pytest.raises(UserError, match=rf"The cached reader in {stage.folder} cannot be used \(.*\); delete that "
                                         r"folder and the next run trains it again."):
         stages.check(cfg)
-    checkpoint.save(stage.folder / "checkpoints" / "best.pt", {"config": preset("multilabel").to_dict(),
+    checkpoint.save(stage.folder / "checkpoints" / "best.pt", {"config": preset("multilabel").to_dict(), "items": FORMAT.to_dict(),
                                                               "model": {}})
     with pytest.raises(UserError, match="The cached reader in .* cannot be used"):
         stages.check(cfg)

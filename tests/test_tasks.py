@@ -3,17 +3,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import bce_task, fake_items, make_composites, sequence_task, single_task
 from torch import nn
 
 from cnnrnn import build, metrics
 from cnnrnn.config import preset
 from cnnrnn.data.composite import cell_crops
-from cnnrnn.data.fashion_mnist import CLASSES, Split
+from cnnrnn.data.fashion_mnist import FORMAT
+from cnnrnn.data.items import Split
 from cnnrnn.data.loader import ItemSource
 from cnnrnn.models import build_model
 from cnnrnn.models.cnn import read_cells
-from cnnrnn.tasks import Classification, LabelSequence, MultiLabelBCE, TileOracle, make_task, to_input
-from conftest import bce_task, fake_items, make_composites, sequence_task, single_task
+from cnnrnn.tasks import (
+    Classification,
+    LabelSequence,
+    MultiLabelBCE,
+    TileOracle,
+    make_task,
+)
 
 END = 10
 LABELS = torch.tensor([[0, 1, 0, 1, 0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
@@ -71,17 +78,17 @@ def test_multiset_targets_name_every_item():
 
 
 def test_make_task_picks_the_kind_and_restores_the_saved_state():
-    assert isinstance(make_task(preset("cnn")), Classification)
-    bce = make_task(preset("multilabel_bce"), state={"threshold": 0.37})
+    assert isinstance(make_task(preset("cnn"), FORMAT), Classification)
+    bce = make_task(preset("multilabel_bce"), FORMAT, state={"threshold": 0.37})
     assert isinstance(bce, MultiLabelBCE) and bce.state() == {"threshold": 0.37}
     counts = [5, 1, 9, 0, 0, 0, 0, 0, 0, 2]
-    seq = make_task(preset("multilabel", model={"label_order": "rare_first"}), state={"class_counts": counts})
+    seq = make_task(preset("multilabel", model={"label_order": "rare_first"}), FORMAT, state={"class_counts": counts})
     assert isinstance(seq, LabelSequence) and seq.state() == {"order": "rare_first", "class_counts": counts}
-    fresh = make_task(preset("multilabel"), train_labels=torch.tensor([2, 2, 2, 0, 9]))
+    fresh = make_task(preset("multilabel"), FORMAT, train_labels=torch.tensor([2, 2, 2, 0, 9]))
     assert fresh.state()["class_counts"] == [1, 0, 3, 0, 0, 0, 0, 0, 0, 1]
     assert fresh.sequences(torch.tensor([[1.0, 0, 1, 0, 0, 0, 0, 0, 0, 1]]), torch.tensor([[0, 2, 9, -1]]))[
         0, :3].tolist() == [2, 0, 9]                                  # most frequent training class first
-    assert make_task(preset("multilabel", model={"target": "multiset"})).multiset
+    assert make_task(preset("multilabel", model={"target": "multiset"}), FORMAT).multiset
 
 
 def test_classification_predicts_softmax_scores_labels_and_accuracy():
@@ -92,7 +99,7 @@ def test_classification_predicts_softmax_scores_labels_and_accuracy():
     assert set(out) == {"logits", "scores"} and torch.allclose(out["scores"].sum(1), torch.ones(8))
     assert single_task().labels(out) == [[int(i)] for i in out["scores"].argmax(1)]
     flipped = single_task(tta=True).predict(model, {"image": images})["scores"]
-    mirror = model(to_input(images).flip(-1)).softmax(1)
+    mirror = model(FORMAT.to_input(images).flip(-1)).softmax(1)
     assert torch.allclose(flipped, (out["scores"] + mirror) / 2, atol=1e-6)
     target = out["scores"].argmax(1)
     assert single_task().metrics(out, target)["acc"] == 1.0
@@ -157,17 +164,17 @@ def test_the_tile_oracle_names_the_class_of_each_occupied_cell():
     images = torch.arange(40, dtype=torch.uint8)[:, None, None].expand(40, 28, 28).clone()
     src = make_composites(Split(images, torch.arange(40) % 10), 30, seed=3, fixed=True)
     batch = src.batch(src.order(None))
-    out = TileOracle(2, CLASSES).predict(Brightness(), batch)
+    out = TileOracle(2, FORMAT).predict(Brightness(), batch)
     assert torch.equal(out["pred"], batch["labels"].bool())          # empty cells name nothing
-    result = TileOracle(2, CLASSES).metrics(out, batch["labels"])
+    result = TileOracle(2, FORMAT).metrics(out, batch["labels"])
     assert result["exact_match"] == 1.0 and result["f1_samples"] == 1.0
 
 
 def cell_features(reader, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """What CellFeatures gives for pictures: each cell's features, and those of each cell mirrored in place."""
-    x = to_input(images)
+    x = FORMAT.to_input(images)
     crops = cell_crops(images, images.shape[-1] // 28)
-    mirrored = torch.stack([reader.embed(to_input(crops[:, i].flip(-1))) for i in range(crops.shape[1])], 1)
+    mirrored = torch.stack([reader.embed(FORMAT.to_input(crops[:, i].flip(-1))) for i in range(crops.shape[1])], 1)
     return {"feats": read_cells(reader, x), "feats_flip": mirrored}
 
 
@@ -189,8 +196,8 @@ def test_predictions_from_cell_features_equal_those_from_the_pictures(tta):
 @pytest.mark.parametrize("task_name", ["cnn", "lstm", "multilabel", "multilabel_bce"])
 def test_every_task_trains_on_its_blank_batch_and_exports_what_it_predicts(task_name):
     cfg = preset(task_name, model={"channels": [4, 8]} if task_name != "lstm" else {"hidden": 8})
-    task = make_task(cfg)
-    model = build.model(cfg)
+    task = make_task(cfg, FORMAT)
+    model = build.model(cfg, FORMAT)
     loss, _ = task.loss(model.train(), task.blank_batch(cfg))
     assert loss.ndim == 0 and torch.isfinite(loss)
     out = task.predict(model.eval(), {"image": task.blank_batch(cfg)["image"]})

@@ -15,13 +15,31 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import (
+    PYTHON,
+    ROOT,
+    cli,
+    cli_env,
+    entry_point_state,
+    files_in,
+    idx_bytes,
+    needs_real_data,
+    one_error,
+    run_commands,
+    run_main,
+    scalars,
+    tags,
+    tiny,
+    tiny_args,
+    train_once,
+    write_dataset,
+)
 from PIL import Image
 
 from cnnrnn import build, checkpoint, rundir, train, training
 from cnnrnn.config import preset
+from cnnrnn.data.fashion_mnist import FORMAT
 from cnnrnn.errors import UserError
-from conftest import (PYTHON, ROOT, cli, cli_env, entry_point_state, files_in, idx_bytes, needs_real_data, one_error,
-                      run_commands, run_main, scalars, tags, tiny, tiny_args, train_once, write_dataset)
 
 
 def tree(folder: Path) -> list[str]:
@@ -300,21 +318,21 @@ def bad_inputs(tmp_path_factory) -> Path:
     (ckpt / "empty.pt").write_bytes(b"")
     (ckpt / "text.pt").write_text("not a checkpoint")
     cnn = preset("cnn")
-    checkpoint.save(ckpt / "full.pt", {"model": build.model(cnn).state_dict(), "config": cnn.to_dict()})
+    checkpoint.save(ckpt / "full.pt", {"model": build.model(cnn, FORMAT).state_dict(), "config": cnn.to_dict(), "items": FORMAT.to_dict()})
     (ckpt / "truncated.pt").write_bytes((ckpt / "full.pt").read_bytes()[: (ckpt / "full.pt").stat().st_size // 2])
-    checkpoint.save(ckpt / "alien.pt", {"model": build.model(cnn).state_dict(),   # an lstm config, cnn weights
-                                        "config": preset("lstm").to_dict()})
-    checkpoint.save(ckpt / "string.pt", {"model": build.model(cnn).state_dict(), "config": "task: cnn"})
-    checkpoint.save(ckpt / "quarter.pt", {"model": {"w": torch.full((4096,), 0.25)}, "config": cnn.to_dict()})
+    checkpoint.save(ckpt / "alien.pt", {"model": build.model(cnn, FORMAT).state_dict(),   # an lstm config, cnn weights
+                                        "config": preset("lstm").to_dict(), "items": FORMAT.to_dict()})
+    checkpoint.save(ckpt / "string.pt", {"model": build.model(cnn, FORMAT).state_dict(), "config": "task: cnn"})
+    checkpoint.save(ckpt / "quarter.pt", {"model": {"w": torch.full((4096,), 0.25)}, "config": cnn.to_dict(), "items": FORMAT.to_dict()})
     flipped_byte(ckpt / "damaged.pt", ckpt / "quarter.pt")
     multi = preset("multilabel", model={"channels": [4, 8], "cell_dim": 16, "hidden": 16, "embed": 8,
                                         "attn_dim": 8})
-    checkpoint.save(ckpt / "multi.pt", {"model": build.model(multi).state_dict(), "config": multi.to_dict()})
+    checkpoint.save(ckpt / "multi.pt", {"model": build.model(multi, FORMAT).state_dict(), "config": multi.to_dict(), "items": FORMAT.to_dict()})
     torch.save({"weights": torch.zeros(3)}, ckpt / "plain.pt")
     reader = preset("reader", model={"channels": [4, 8], "hidden": 16}, data={"val_size": 4000})
-    checkpoint.save(ckpt / "split.pt", {"model": build.model(reader).state_dict(), "config": reader.to_dict()})
-    weights = {k: v.long() if v.is_floating_point() else v for k, v in build.model(cnn).state_dict().items()}
-    checkpoint.save(ckpt / "int.pt", {"model": weights, "config": cnn.to_dict()})
+    checkpoint.save(ckpt / "split.pt", {"model": build.model(reader, FORMAT).state_dict(), "config": reader.to_dict(), "items": FORMAT.to_dict()})
+    weights = {k: v.long() if v.is_floating_point() else v for k, v in build.model(cnn, FORMAT).state_dict().items()}
+    checkpoint.save(ckpt / "int.pt", {"model": weights, "config": cnn.to_dict(), "items": FORMAT.to_dict()})
     (base / "stopped" / ".hydra").mkdir(parents=True)
     (base / "run" / "checkpoints").mkdir(parents=True)
     (base / "run" / "metrics.json").write_text("{}")
@@ -363,8 +381,8 @@ BAD = [  # (command, the words the one sentence must hold); values checked by un
     (["cnnrnn.evaluate", "{bad}/ckpt/full.pt", "--grid", "3"], "--grid and --max-items are for composites"),
     (["cnnrnn.predict", "{bad}/ckpt/alien.pt", "{bad}/images"], "do not fit a lstm model"),
     (["cnnrnn.predict", "{bad}/ckpt/full.pt", "{bad}/images/notes.png"], "is not a readable image"),
-    (["cnnrnn.predict", "{bad}/ckpt/full.pt", "{bad}/empty"], "holds no image files"),
-    (["cnnrnn.predict", "{bad}/ckpt/multi.pt", "{bad}/big.png"], "more than the 256 (16x16) a model reads"),
+    (["cnnrnn.predict", "{bad}/ckpt/full.pt", "{bad}/empty"], "holds no picture files"),
+    (["cnnrnn.predict", "{bad}/ckpt/multi.pt", "{bad}/big.png", "--threshold", "0.5"], "--threshold sets the BCE"),
     (["cnnrnn.predict", "{bad}/ckpt/multi.pt", "{bad}/big.png", "--max-items", "0"], "--max-items 0 must be at"),
     (["cnnrnn.predict", "{bad}/ckpt/full.pt", "{bad}/big.png", "--max-items", "2"], "--max-items caps the label"),
     (["cnnrnn.predict", "{bad}/m.onnx", "{bad}/big.png", "--max-items", "2"], "--max-items needs a checkpoint"),
@@ -387,7 +405,7 @@ BAD = [  # (command, the words the one sentence must hold); values checked by un
     *([(["cnnrnn.train", "task=cnn", "trainer.device=cuda", "trainer.amp=false", "hydra.run.dir={bad}/runs-cuda"],
         "no CUDA device is available")] if not torch.cuda.is_available() else []),
     # inference
-    (["cnnrnn.evaluate", "{bad}/ckpt/full.pt", "--oracle", "{bad}/ckpt/full.pt"], "--oracle scores multi-label"),
+    (["cnnrnn.evaluate", "{bad}/ckpt/full.pt", "--data", "{bad}/images"], "is a class folder with no pictures"),
     (["cnnrnn.evaluate", "{bad}/exported.onnx"], "evaluate reads checkpoints"),
     (["cnnrnn.predict", "{bad}/ckpt/full.pt", "/dev/null"], "/dev/null is not a regular file"),
     (["cnnrnn.export", "{bad}/ckpt/full.pt", "{bad}/images/notes.png/m.onnx"], "is a file, not a folder"),

@@ -12,16 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import scalars, tags, tiny, train_once
 
 from cnnrnn import checkpoint, stages, tasks, training
-from cnnrnn.config import preset
-from cnnrnn.config import from_dict
+from cnnrnn.config import from_dict, preset
 from cnnrnn.data import fashion_mnist
 from cnnrnn.data.composite import CellFeatures, CompositeSource
 from cnnrnn.errors import UserError
 from cnnrnn.metrics import best_threshold
 from cnnrnn.ranks import StopSignals, gather_rng
-from conftest import scalars, tags, tiny, train_once
 
 F1_TAGS = {"val/f1_micro", "val/f1_macro", "val/f1_samples", "val/exact_match", "val/hamming_loss",
            "test/f1_micro", "test/f1_samples", "test/exact_match"}
@@ -135,7 +134,7 @@ def test_the_pieces_of_a_run_set_up_train_validate_and_save(fake_root, tmp_path,
         training.save(run, tmp_path / "x.pt", gather_rng(1), note="here")
         saved = checkpoint.load(tmp_path / "x.pt")
         assert saved["note"] == "here" and saved["state"]["global_step"] == 10
-        assert saved["config"]["trainer"]["log_every"] == 3 and saved["classes"] == list(fashion_mnist.CLASSES)
+        assert saved["config"]["trainer"]["log_every"] == 3 and saved["items"] == fashion_mnist.FORMAT.to_dict()
         assert {"model", "train_model", "ema_n", "optimizer", "scheduler", "rng", "state", "task_state",
                 "params", "scene"} <= set(saved)
     finally:
@@ -213,7 +212,7 @@ def test_a_resumed_run_caches_the_features_of_its_trained_reader(fake_root, mult
     run = training.setup(from_dict(saved["config"]), tmp_path / "b", saved)
     try:
         assert isinstance(run.sources.val, CellFeatures)
-        expected = training.cell_features(run.model.reader, run.sources.val.source.split.images, run.proc)
+        expected = training.cell_features(run.model.reader, run.sources.val.source.split.images, run.task, run.proc)
         assert torch.equal(run.sources.val.feats, expected[0])
     finally:
         run.writer.close()

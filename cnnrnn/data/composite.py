@@ -1,15 +1,16 @@
-"""Composite multi-label images: a grid x grid canvas of 28x28 cells holding items of one base split."""
+"""Composite multi-label images: a grid x grid canvas of cells, each an item of one base split or empty (the data's
+background tone)."""
 from __future__ import annotations
 
 import torch
 
 from cnnrnn.data.augment import Augment
 from cnnrnn.data.degrade import degrade, mix
-from cnnrnn.data.fashion_mnist import CLASSES, SIDE, Split
+from cnnrnn.data.items import Split
 from cnnrnn.data.loader import epoch_seed
 from cnnrnn.data.scene import Scene, item_of_class, label_statistics
 
-# The largest picture a model reads: 16x16 cells of 28x28 (448x448 pixels). Beyond, one batch of pictures
+# The largest picture a model reads: 16x16 cells (448x448 pixels of Fashion-MNIST). Beyond, one batch of pictures
 # outgrows a laptop's memory; every size that enters (data.grid, evaluate --grid, predict's images) is checked.
 MAX_GRID = 16
 
@@ -25,7 +26,8 @@ def sample_layout(n: int, n_items: int, grid: int, min_items: int, max_items: in
     return torch.where(rank < k, items, torch.full_like(items, -1))
 
 
-def add_repeats(layout: torch.Tensor, labels: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+def add_repeats(layout: torch.Tensor, labels: torch.Tensor, p: float, generator: torch.Generator,
+                num_classes: int) -> torch.Tensor:
     """Layouts (n, G*G) where each occupied cell after the first (reading order), with probability p, holds an
     item of the class of a random earlier occupied cell instead: composites that repeat classes (counting)."""
     n, cells = layout.shape
@@ -40,49 +42,56 @@ def add_repeats(layout: torch.Tensor, labels: torch.Tensor, p: float, generator:
         source = pick[:, :j].masked_fill(~earlier, -1.0).argmax(dim=1)              # a random earlier item
         changed[:, j] = repeat[:, j] & occupied[:, j] & earlier.any(dim=1)
         cls[changed[:, j], j] = cls[changed[:, j], source[changed[:, j]]]
-    swapped = item_of_class(labels, cls.clamp(min=0), u)
+    swapped = item_of_class(labels, cls.clamp(min=0), u, num_classes)
     return torch.where(changed, swapped, layout)
 
 
-def counts_of(cells: torch.Tensor, num_classes: int = len(CLASSES)) -> torch.Tensor:
+def counts_of(cells: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(B, C) float number of cells holding each class among cells (B, G*G), -1 marking an empty cell."""
     counts = torch.zeros(len(cells), num_classes + 1, device=cells.device)
     counts.scatter_add_(1, torch.where(cells >= 0, cells, num_classes), torch.ones(cells.shape, device=cells.device))
     return counts[:, :num_classes]  # empty cells land in an extra column
 
 
-def multi_hot(cells: torch.Tensor, num_classes: int = len(CLASSES)) -> torch.Tensor:
+def multi_hot(cells: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(B, C) float set of the distinct classes among cells (B, G*G), where -1 marks an empty cell."""
     return (counts_of(cells, num_classes) > 0).float()
 
 
-def with_black(images: torch.Tensor) -> torch.Tensor:
-    """Items (N, 28, 28) uint8 with a black item appended at index N, viewed as 4-byte words (N+1, 28, 7)."""
-    padded = torch.cat([images, images.new_zeros(1, SIDE, SIDE)])
-    return padded.view(torch.int32)  # a row of 28 pixels moves as 7 words: 4x fewer elements to gather
+def with_background(images: torch.Tensor, background: tuple[int, ...]) -> torch.Tensor:
+    """Items (N, C, S, S) uint8 with an item of the background tone appended at index N (an empty cell), viewed
+    as 4-byte words (N+1, C, S, S/4) where S allows: a row of 28 pixels moves as 7 words, 4x fewer to gather."""
+    empty = images.new_tensor(background).view(1, -1, 1, 1).expand(1, *images.shape[1:])
+    padded = torch.cat([images, empty])
+    return padded.view(torch.int32) if images.shape[-1] % 4 == 0 else padded
 
 
 def render(words: torch.Tensor, layout: torch.Tensor, grid: int) -> torch.Tensor:
-    """Tile items, words = with_black(images), into canvases (B, grid*28, grid*28) uint8 by a layout
+    """Tile items, words = with_background(images), into canvases (B, C, grid*S, grid*S) uint8 by a layout
     (B, grid*grid) of item indices, -1 for an empty cell."""
-    b = len(layout)
-    idx = torch.where(layout >= 0, layout, len(words) - 1).flatten()  # empty cells take the black item
-    tiles = words.index_select(0, idx)                                 # (B*G*G, 28, 7) int32
-    tiles = tiles.view(b, grid, grid, SIDE, SIDE // 4)                 # (B, G, G, 28, 7)
-    canvas = tiles.permute(0, 1, 3, 2, 4).reshape(b, grid * SIDE, grid * SIDE // 4)  # (B, G*28, G*7)
-    return canvas.view(torch.uint8)                                    # (B, G*28, G*28)
+    b, (c, side, width) = len(layout), words.shape[1:]
+    idx = torch.where(layout >= 0, layout, len(words) - 1).flatten()  # empty cells take the background item
+    tiles = words.index_select(0, idx).view(b, grid, grid, c, side, width)         # (B, G, G, C, S, W)
+    canvas = tiles.permute(0, 3, 1, 4, 2, 5).reshape(b, c, grid * side, grid * width)  # (B, C, G*S, G*W)
+    return canvas.view(torch.uint8)                                               # (B, C, G*S, G*S)
+
+
+def grid_boxes(rows: torch.Tensor, grid: int, side: int) -> torch.Tensor:
+    """(B, G*G, 2) the top-left corner of each cell, for layouts rows (B, G*G): the boxes of a grid's items."""
+    i = torch.arange(grid * grid, device=rows.device)
+    return (torch.stack([i // grid, i % grid], -1) * side).expand(len(rows), -1, -1)
 
 
 def cell_crops(images: torch.Tensor, grid: int) -> torch.Tensor:
-    """Canvases (B, G*28, G*28) cut back into their cells (B, G*G, 28, 28), in reading order."""
-    b = len(images)
-    cells = images.view(b, grid, SIDE, grid, SIDE)                      # (B, G, 28, G, 28)
-    return cells.permute(0, 1, 3, 2, 4).reshape(b, grid * grid, SIDE, SIDE)  # (B, G*G, 28, 28)
+    """Canvases (B, C, G*S, G*S) cut back into their cells (B, G*G, C, S, S), in reading order."""
+    b, c, side = len(images), images.shape[1], images.shape[-1] // grid
+    cells = images.view(b, c, grid, side, grid, side)                                  # (B, C, G, S, G, S)
+    return cells.permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, c, side, side)      # (B, G*G, C, S, S)
 
 
 class CompositeSource:
-    """Composites of one split: {'image': (B, G*28, G*28) uint8, 'cells': (B, G*G), 'labels': (B, C) the set,
-    'counts': (B, C) items per class}.
+    """Composites of one split: {'image': (B, C, G*S, G*S) uint8, 'cells': (B, G*G), 'labels': (B, K) the set of
+    the K classes, 'counts': (B, K) items per class}; empty cells have the data's background tone.
 
     Training sources draw new layouts every epoch; fixed sources (validation, test) draw theirs once from
     `seed`, so every run and every model sees the same images. `scene` (a Scene) decides which items go
@@ -95,14 +104,15 @@ class CompositeSource:
 
     def __init__(self, split: Split, size: int, grid: int, min_items: int, max_items: int, seed: int,
                  fixed: bool = False, augment: Augment | None = None, scene: Scene | None = None,
-                 degrade: float = 0.0, repeats: float = 0.0):
+                 degrade: float = 0.0, repeats: float = 0.0, background: tuple[int, ...] = (0,), classes: int = 10):
         self.split, self.size, self.grid = split, size, grid
         self.min_items, self.max_items, self.seed, self.augment = min_items, max_items, seed, augment
-        self.scene, self.degrade, self.repeats = scene, degrade, repeats
+        self.scene, self.degrade, self.repeats, self.background = scene, degrade, repeats, background
+        self.classes = classes
         self.labels = split.labels.cpu()  # for the draws, which stay on the CPU whatever the split's device
         self.fixed_layout = self._layout(seed) if fixed else None
         # Built once, so that rendering only gathers; augmented or degraded batches pad their own items instead.
-        self.words = with_black(split.images) if augment is None and not degrade else None
+        self.words = with_background(split.images, background) if augment is None and not degrade else None
 
     def __len__(self) -> int:
         return self.size
@@ -116,8 +126,11 @@ class CompositeSource:
         else:
             layout = sample_layout(n, len(self.split), self.grid, self.min_items, self.max_items, generator)
         if self.repeats:  # only then: the draws of composites without repeats stay as they were
-            layout = add_repeats(layout, self.labels, self.repeats, generator)
+            layout = add_repeats(layout, self.labels, self.repeats, generator, self.classes)
         return layout
+
+    def ids(self) -> list[str]:
+        return [str(i) for i in range(self.size)]
 
     def order(self, epoch: int | None) -> torch.Tensor:
         if self.fixed_layout is not None:
@@ -127,7 +140,8 @@ class CompositeSource:
     def statistics(self, n: int, seed: int = 12345) -> dict:
         """Label statistics (data.scene.label_statistics) of n layouts drawn as this source draws them."""
         layout = self._draw(n, torch.Generator().manual_seed(seed))
-        return label_statistics(multi_hot(torch.where(layout >= 0, self.labels[layout.clamp(min=0)], -1)))
+        return label_statistics(multi_hot(torch.where(layout >= 0, self.labels[layout.clamp(min=0)], -1),
+                                          self.classes))
 
     def item_seeds(self, rows: torch.Tensor, key: int) -> torch.Tensor:
         """An int64 seed per occupied cell of layouts `rows`: a hash of the whole layout and the cell, so a
@@ -147,15 +161,15 @@ class CompositeSource:
             occupied = at >= 0
             items = self.split.images[at[occupied]]
             if self.degrade:  # seeds hashed from the CPU rows, as always
-                items = degrade(items, self.item_seeds(rows, key).to(at.device), self.degrade)
+                items = degrade(items, self.item_seeds(rows, key).to(at.device), self.degrade, self.background)
             if self.augment is not None:
                 items = self.augment(items, key)
             layout = torch.full_like(at, -1)
             layout[occupied] = torch.arange(len(items), device=at.device)
-            images = with_black(items)
+            images = with_background(items, self.background)
         cells = torch.where(at >= 0, self.split.labels[at.clamp(min=0)], -1)
-        return {"image": render(images, layout, self.grid), "cells": cells, "labels": multi_hot(cells),
-                "counts": counts_of(cells)}
+        return {"image": render(images, layout, self.grid), "cells": cells, "labels": multi_hot(cells, self.classes),
+                "counts": counts_of(cells, self.classes), "boxes": grid_boxes(at, self.grid, self.split.images.shape[-1])}
 
 
 class MixedGridSource:
@@ -229,7 +243,8 @@ class CellFeatures:
             return feats
 
         cells = torch.where(occupied, source.split.labels[at.clamp(min=0)], -1)
-        batch = {"cells": cells, "labels": multi_hot(cells), "counts": counts_of(cells)}
+        batch = {"cells": cells, "labels": multi_hot(cells, source.classes), "counts": counts_of(cells, source.classes),
+                 "boxes": grid_boxes(at, source.grid, source.split.images.shape[-1])}
         if self.fixed:
             return {"feats": cells_of(self.feats[item]), "feats_flip": cells_of(self.mirrored[item]), **batch}
         flip = (torch.rand(len(item), generator=torch.Generator().manual_seed(key)) < self.hflip).to(at.device)

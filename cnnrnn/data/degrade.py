@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SIDE = 28
 _M1, _M2, _GOLDEN = -4658895280553007687, -7723592293110705685, -7046029254386353131  # splitmix64, as int64
 
 
@@ -27,23 +26,24 @@ def uniform(seeds: torch.Tensor, stream: int) -> torch.Tensor:
     return (mix(seeds * 1_000_003 + stream) & ((1 << 24) - 1)).double().div(1 << 24).float()
 
 
-def degrade(items: torch.Tensor, seeds: torch.Tensor, strength: float) -> torch.Tensor:
-    """uint8 items (N, 28, 28), one int64 seed each, strength in (0, 1]: blurred (down to 28/(1+2s) pixels
-    and back), a black box of up to 20s pixels a side hiding part of the item, and noise of up to +-96s."""
+def degrade(items: torch.Tensor, seeds: torch.Tensor, strength: float, background: tuple[int, ...] = (0,)
+            ) -> torch.Tensor:
+    """uint8 items (N, C, S, S), one int64 seed each, strength in (0, 1]: blurred (down to S/(1+2s) pixels and
+    back), a box of the background tone, up to 20s/28 of the side, hiding part of the item, and noise of up to
+    +-96s."""
     if strength <= 0 or not len(items):
         return items
-    n = len(items)
-    x = items.float()[:, None]                                                     # (N, 1, 28, 28)
-    small = max(4, round(SIDE / (1 + 2 * strength)))
-    x = F.interpolate(F.interpolate(x, size=small, mode="area"), size=SIDE, mode="bilinear", align_corners=False)
-    x = x[:, 0]                                                                    # (N, 28, 28)
-    box = round(20 * strength)
+    n, side = len(items), items.shape[-1]
+    small = max(4, round(side / (1 + 2 * strength)))
+    x = F.interpolate(F.interpolate(items.float(), size=small, mode="area"), size=side, mode="bilinear",
+                      align_corners=False)                                         # (N, C, S, S)
+    box = round(20 * strength * side / 28)
     if box:
-        r = torch.arange(SIDE, device=items.device)
-        y0 = (uniform(seeds, 1) * (SIDE - box + 1)).long()[:, None]
-        x0 = (uniform(seeds, 2) * (SIDE - box + 1)).long()[:, None]
+        r = torch.arange(side, device=items.device)
+        y0 = (uniform(seeds, 1) * (side - box + 1)).long()[:, None]
+        x0 = (uniform(seeds, 2) * (side - box + 1)).long()[:, None]
         inside = (((r >= y0) & (r < y0 + box))[:, :, None] & ((r >= x0) & (r < x0 + box))[:, None, :])
-        x = x.masked_fill(inside, 0.0)
-    pixels = seeds[:, None] * (SIDE * SIDE) + torch.arange(SIDE * SIDE, device=items.device)  # (N, 784) per pixel
-    noise = (uniform(pixels, 3) * 2 - 1).view(n, SIDE, SIDE) * (96 * strength)
+        x = torch.where(inside[:, None], x.new_tensor(background).view(1, -1, 1, 1), x)
+    pixels = seeds[:, None] * (side * side) + torch.arange(side * side, device=items.device)  # (N, S*S) per pixel
+    noise = (uniform(pixels, 3) * 2 - 1).view(n, 1, side, side) * (96 * strength)
     return (x + noise).round_().clamp_(0, 255).to(torch.uint8)

@@ -1,15 +1,16 @@
-"""Find, validate and read Fashion-MNIST's four IDX files; the stratified train/validation split."""
+"""Find, validate and read Fashion-MNIST's four IDX files; the stratified train/validation split; FORMAT, what its
+items are. The one module that names Fashion-MNIST."""
 from __future__ import annotations
 
 import gzip
 import hashlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cnnrnn.data.items import Format, Split
 from cnnrnn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -18,6 +19,10 @@ log = logging.getLogger(__name__)
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 SIDE = 28
+# Light items on black; the mean and spread of the training pixels on the [0, 1] scale; a mirrored item keeps its
+# class, so flips are its recipe.
+FORMAT = Format(CLASSES, SIDE, 1, (0.2860,), (0.3530,), (0,), flips=True)
+VAL_SIZE = 5000  # held out of the 60,000 training images when data.val_size is null
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian/Ubuntu package dataset-fashion-mnist
 
 # name -> (IDX magic, expected item count, MD5 of the decompressed bytes). Debian recompressed the .gz
@@ -28,25 +33,6 @@ FILES = {
     "t10k-images-idx3-ubyte": (2051, 10000, "8181f5470baa50b63fa0f6fddb340f0a"),
     "t10k-labels-idx1-ubyte": (2049, 10000, "15d484375f8d13e6eb1aabb0c3f46965"),
 }
-
-
-@dataclass
-class Split:
-    """Images (N, 28, 28) uint8, light item on black, and their class indices (N,) int64."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, index) -> "Split":
-        index = torch.as_tensor(index, device=self.images.device)
-        return Split(self.images[index], self.labels[index])
-
-    def to(self, device: torch.device | str) -> "Split":
-        """This split with its items and labels on `device` (once per run: the batches are then gathered there)."""
-        return Split(self.images.to(device), self.labels.to(device))
 
 
 def _path_in(folder: Path, name: str) -> Path | None:
@@ -147,7 +133,7 @@ def read(paths: dict[str, Path], verify: bool = True) -> dict[str, Split]:
         if verify and digests[name] != FILES[name][2]:
             raise UserError(f"{path} has the right shape but not Fashion-MNIST's content (MD5 differs; an "
                             f"MNIST file in its place?); replace it with the Fashion-MNIST file of that name.")
-    return {split: Split(arrays[f"{prefix}-images-idx3-ubyte"], arrays[f"{prefix}-labels-idx1-ubyte"].long())
+    return {split: Split(arrays[f"{prefix}-images-idx3-ubyte"][:, None], arrays[f"{prefix}-labels-idx1-ubyte"].long())
             for split, prefix in (("train", "train"), ("test", "t10k"))}
 
 
@@ -176,14 +162,57 @@ def split_train_val(labels: torch.Tensor, val_size: int, seed: int = 0) -> tuple
     return torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(val_idx))
 
 
-def splits(root: str | Path, val_size: int, limit: int | None = None, split_seed: int = 0) -> dict[str, Split]:
-    """{'train', 'val', 'test'}: val carved from the 60k training images, train optionally limited."""
+def splits(root: str | Path, val_size: int | float | None, limit: int | None = None,
+           split_seed: int = 0) -> dict[str, Split]:
+    """{'train', 'val', 'test'}: val carved from the 60k training images (a count, a share, or null: 5,000), train
+    optionally limited."""
     data = load(root)
     n_train = len(data["train"])
-    if not len(CLASSES) <= val_size <= n_train - len(CLASSES):
-        raise UserError(f"data.val_size={val_size} must be between {len(CLASSES)} and {n_train - len(CLASSES)} "
-                        f"(Fashion-MNIST has {n_train} training images); set a smaller data.val_size.")
-    train_idx, val_idx = split_train_val(data["train"].labels, val_size, split_seed)
+    count = VAL_SIZE if val_size is None else round(val_size * n_train) if isinstance(val_size, float) else val_size
+    if not len(CLASSES) <= count <= n_train - len(CLASSES):
+        raise UserError(f"data.val_size={val_size} must hold between {len(CLASSES)} and {n_train - len(CLASSES)} "
+                        f"items (Fashion-MNIST has {n_train} training images); set a smaller data.val_size.")
+    train_idx, val_idx = split_train_val(data["train"].labels, count, split_seed)
     if limit is not None:
         train_idx = train_idx[:limit]
     return {"train": data["train"].subset(train_idx), "val": data["train"].subset(val_idx), "test": data["test"]}
+
+
+def write_folder(out: str | Path, root: str | Path = "data/", per_class: int | None = None,
+                 invert: bool = False) -> Path:
+    """Fashion-MNIST as a user's folder: OUT/{train,test}/CLASS/NNNNN.png, the official split, class folder names
+    made safe for file systems ("T-shirt/top" -> "T-shirt-top", the map in OUT/class_names.csv); `per_class`: the
+    first N items of each class per split; `invert`: dark items on white. For docs/your-data.md and the tests."""
+    from PIL import Image
+
+    out = Path(out)
+    data = load(root)
+    safe = {c: c.replace("/", "-") for c in CLASSES}
+    for split, items in (("train", data["train"]), ("test", data["test"])):
+        for c, name in enumerate(CLASSES):
+            index = (items.labels == c).nonzero().flatten()[:per_class]
+            folder = out / split / safe[name]
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in index.tolist():
+                pixels = items.images[i, 0].numpy()
+                Image.fromarray(255 - pixels if invert else pixels).save(folder / f"{i:05d}.png")
+    (out / "class_names.csv").write_text("folder,class\n" + "".join(f'{safe[c]},"{c}"\n' for c in CLASSES))
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from cnnrnn.errors import refusals
+
+    parser = argparse.ArgumentParser(prog="python -m cnnrnn.data.fashion_mnist", description=write_folder.__doc__)
+    parser.add_argument("out", help="the folder to write (new or empty)")
+    parser.add_argument("--root", default="data/", help="where Fashion-MNIST's files are (as data.root)")
+    parser.add_argument("--per-class", type=int, help="the first N items of each class in each split")
+    parser.add_argument("--invert", action="store_true", help="dark items on white")
+    args = parser.parse_args()
+    with refusals():
+        if Path(args.out).exists() and any(Path(args.out).iterdir()):
+            raise UserError(f"{args.out} is not empty; give a new or empty folder.")
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        log.info("wrote %s", write_folder(args.out, args.root, args.per_class, args.invert))

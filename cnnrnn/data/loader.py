@@ -8,7 +8,7 @@ import torch
 
 from cnnrnn.data.augment import Augment
 from cnnrnn.data.degrade import degrade, mix
-from cnnrnn.data.fashion_mnist import Split
+from cnnrnn.data.items import Split
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -26,22 +26,30 @@ class Source(Protocol):
 
 
 class ItemSource:
-    """Single items of a split: {'image': (B, 28, 28) uint8, 'label': (B,) int64}. With `degrade`, every item
+    """Single items of a split: {'image': (B, C, S, S) uint8, 'label': (B,) int64}. With `degrade`, every item
     is corrupted (data.degrade): the same way each time for a fixed source, afresh per batch for training.
-    Batches are made on the split's device (Split.to); orders and random draws stay on the CPU."""
+    Batches are made on the split's device (Split.to); orders and random draws stay on the CPU. A training source
+    of `size` samples per epoch goes through its items in fresh permutations until it has that many."""
 
     def __init__(self, split: Split, seed: int = 0, augment: Augment | None = None, degrade: float = 0.0,
-                 fixed: bool = True):
+                 fixed: bool = True, size: int | None = None, background: tuple[int, ...] = (0,)):
         self.split, self.seed, self.augment, self.degrade, self.fixed = split, seed, augment, degrade, fixed
+        self.size, self.background = size or len(split), background
 
     def __len__(self) -> int:
-        return len(self.split)
+        return self.size
+
+    def ids(self) -> list[str]:
+        """What names each item in the natural order: its file (a user's data), else its index."""
+        return self.split.files or [str(i) for i in range(len(self.split))]
 
     def order(self, epoch: int | None) -> torch.Tensor:
-        """Item indices: a fresh permutation per training epoch, the natural order when epoch is None."""
+        """Item indices: fresh permutations per training epoch, the natural order when epoch is None."""
         if epoch is None:
             return torch.arange(len(self.split))
-        return torch.randperm(len(self.split), generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+        rounds = -(-self.size // len(self.split))
+        return torch.cat([torch.randperm(len(self.split), generator=g) for _ in range(rounds)])[:self.size]
 
     def batch(self, rows: torch.Tensor, key: int = 0) -> dict[str, torch.Tensor]:
         """The batch of item indices `rows` (CPU, from order()), made on the split's device."""
@@ -49,7 +57,7 @@ class ItemSource:
         images = self.split.images[at]
         if self.degrade:
             salt = self.seed * 7919 + (0 if self.fixed else key + 1)
-            images = degrade(images, mix(rows * 31 + salt).to(at.device), self.degrade)
+            images = degrade(images, mix(rows * 31 + salt).to(at.device), self.degrade, self.background)
         if self.augment is not None:
             images = self.augment(images, key)
         return {"image": images, "label": self.split.labels[at]}

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 
-from cnnrnn.data.fashion_mnist import CLASSES
 from cnnrnn.errors import UserError
 
 
 class Scene:
-    """A parsed scene file; `sample` returns layouts as composite.sample_layout does, from the split's labels."""
+    """A parsed scene file over the data's class names; `sample` returns layouts as composite.sample_layout does,
+    from the split's labels."""
 
-    def __init__(self, spec: dict, name: str = "scene"):
-        self.name, self.spec = name, spec
+    def __init__(self, spec: dict, name: str, classes: tuple[str, ...]):
+        self.name, self.spec, self.classes = name, spec, classes
         styles = spec.get("styles")
         where = f"scene {name}"
         if not isinstance(styles, dict) or not styles:
@@ -31,7 +31,7 @@ class Scene:
         n_slots = max(len(s.get("slots") or []) if isinstance(s, dict) else 0 for s in styles.values())
         self.style_p = torch.zeros(len(styles))
         self.slot_p = torch.zeros(len(styles), n_slots)
-        self.weights = torch.zeros(len(styles), n_slots, len(CLASSES))
+        self.weights = torch.zeros(len(styles), n_slots, len(classes))
         for i, (style, body) in enumerate(styles.items()):
             if not isinstance(body, dict) or not isinstance(body.get("slots"), list) or not body["slots"]:
                 raise UserError(f"{where}: style '{style}' needs a probability 'p' and a list of 'slots'.")
@@ -42,9 +42,9 @@ class Scene:
                     raise UserError(f"{at} needs 'p' and a 'classes' mapping of class name to weight.")
                 self.slot_p[i, j] = _number(slot.get("p", 1.0), f"{at} p", 0, 1)
                 for cls, w in slot["classes"].items():
-                    if cls not in CLASSES:
-                        raise UserError(f"{at} names the class '{cls}', which is not one of {', '.join(CLASSES)}.")
-                    self.weights[i, j, CLASSES.index(cls)] = _number(w, f"{at} weight of {cls}", 0, math.inf)
+                    if cls not in classes:
+                        raise UserError(f"{at} names the class '{cls}', which is not one of {', '.join(classes)}.")
+                    self.weights[i, j, classes.index(cls)] = _number(w, f"{at} weight of {cls}", 0, math.inf)
                 if self.weights[i, j].sum() <= 0:
                     raise UserError(f"{at} gives every class weight 0; give at least one a positive weight.")
         if self.style_p.sum() <= 0:
@@ -54,7 +54,12 @@ class Scene:
 
     def sample(self, n: int, labels: torch.Tensor, grid: int, min_items: int, max_items: int,
                generator: torch.Generator) -> torch.Tensor:
-        cells, c = grid * grid, len(CLASSES)
+        cells, c = grid * grid, len(self.classes)
+        counts = torch.bincount(labels, minlength=c)
+        if (counts == 0).any():
+            missing = [self.classes[i] for i in (counts == 0).nonzero().flatten().tolist()]
+            raise UserError(f"The split has no item of class {', '.join(missing)}, which the scene draws; "
+                            f"raise data.limit.")
         style = torch.multinomial(self.style_p, n, replacement=True, generator=generator)     # (n,)
         filled = torch.rand(n, self.slot_p.shape[1], generator=generator) < self.slot_p[style]  # (n, S)
         filled[~filled.any(1), 0] = True                       # at least one item: the style's first slot
@@ -64,7 +69,7 @@ class Scene:
         cls = torch.where(random, torch.randint(0, c, filled.shape, generator=generator), cls)
         # slots beyond max_items (in file order) or beyond the grid's cells stay empty
         filled &= filled.cumsum(1) <= min(max_items, cells)
-        item = item_of_class(labels, cls, torch.rand(filled.shape, generator=generator))  # (n, S)
+        item = item_of_class(labels, cls, torch.rand(filled.shape, generator=generator), c)  # (n, S)
         slot_pos = filled.cumsum(1) - 1                                                    # j-th filled slot
         order = torch.rand(n, cells, generator=generator).argsort(1)                       # cells in random order
         layout = torch.full((n, cells), -1, dtype=torch.long)
@@ -79,14 +84,10 @@ def _number(value, where: str, low: float, high: float) -> float:
     return float(value)
 
 
-def item_of_class(labels: torch.Tensor, cls: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def item_of_class(labels: torch.Tensor, cls: torch.Tensor, u: torch.Tensor, num_classes: int) -> torch.Tensor:
     """For each class in cls, the index of a random item of that class (u: uniforms of cls's shape)."""
     by_class = labels.argsort(stable=True)
-    counts = torch.bincount(labels, minlength=len(CLASSES))
-    if (counts == 0).any():
-        missing = [CLASSES[i] for i in (counts == 0).nonzero().flatten().tolist()]
-        raise UserError(f"The split has no item of class {', '.join(missing)}, which the scene draws; "
-                        f"raise data.limit.")
+    counts = torch.bincount(labels, minlength=num_classes)
     start = counts.cumsum(0) - counts
     return by_class[start[cls] + (u * counts[cls]).long().clamp(max=counts[cls] - 1)]
 
@@ -110,9 +111,9 @@ def label_statistics(hot: torch.Tensor) -> dict:
             "total_correlation": float(marginal - h(sets[sets > 0]).sum()), "mean_items": float(hot.sum(1).mean())}
 
 
-def format_statistics(stats: dict) -> str:
+def format_statistics(stats: dict, classes: tuple[str, ...]) -> str:
     """The statistics as a few readable lines for the run log."""
-    short = [n.split("/")[0][:7] for n in CLASSES]
+    short = [n.split("/")[0][:7] for n in classes]
     lines = ["class frequency: " + "  ".join(f"{s}={f:.2f}" for s, f in zip(short, stats["freq"])),
              f"labels per image {stats['mean_items']:.2f}; total correlation {stats['total_correlation']:.3f} bits "
              f"(0 = labels independent); P(column | row present):",
@@ -121,7 +122,7 @@ def format_statistics(stats: dict) -> str:
     return "\n".join(lines)
 
 
-def read_scene(name: str, folder: Path) -> dict | None:
+def read_scene(name: str, folder: Path, classes: tuple[str, ...]) -> dict | None:
     """The spec of data.scene: None for 'uniform', else the YAML of folder/NAME.yaml or of a .yaml path."""
     if name == "uniform":
         return None
@@ -139,5 +140,5 @@ def read_scene(name: str, folder: Path) -> dict | None:
                         f"fix the file (see configs/scene/outfit.yaml).") from None
     if not isinstance(spec, dict):
         raise UserError(f"data.scene={name}: {path} does not hold a mapping; see configs/scene/outfit.yaml.")
-    Scene(spec, name)  # refuse a bad file now, in one sentence
+    Scene(spec, name, classes)  # refuse a bad file now, in one sentence
     return spec

@@ -1,17 +1,23 @@
-"""The four sources of a run (train, fixed training items for the train curves, val, test): single items or
-composites, from the data settings of a config."""
+"""Where a run's items come from (data.source: Fashion-MNIST's files, a user's folder or CSV) and the four sources
+of a run (train, fixed training items for the train curves, val, test): single items or composites."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from cnnrnn.config import Data
+from cnnrnn.data import fashion_mnist
 from cnnrnn.data.augment import Augment
 from cnnrnn.data.composite import CompositeSource, MixedGridSource
-from cnnrnn.data.fashion_mnist import Split
+from cnnrnn.data.items import Format, Split
 from cnnrnn.data.loader import ItemSource, Source
 from cnnrnn.data.scene import Scene
+
+# A user's small folder trains long enough and is validated on enough composites with the defaults: samples per
+# training epoch and validation composites at least (Fashion-MNIST has more items than either).
+EPOCH_FLOOR, VAL_FLOOR = 20_000, 2_000
 
 
 @dataclass
@@ -22,8 +28,33 @@ class Sources:
     test: Source
 
 
-def augmentation(d: Data) -> Augment | None:
-    return Augment(d.hflip, d.shift) if d.augment else None
+def load(d: Data) -> tuple[dict[str, Split], Format]:
+    """The {'train', 'val', 'test'} splits of data.source and what their items are."""
+    if d.source == "fashion_mnist":
+        return fashion_mnist.splits(d.root, d.val_size, d.limit, d.seed), fashion_mnist.FORMAT
+    from cnnrnn.data import folder
+
+    return folder.load(d)
+
+
+def fingerprint(d: Data) -> str:
+    """What names the items a run reads: the folder Fashion-MNIST's files are found in, or a digest of a user's
+    files (their names, sizes and times of change, and the CSV)."""
+    if d.source == "fashion_mnist":
+        found, _ = fashion_mnist.locate(Path(d.root))
+        return str((found["train-images-idx3-ubyte"].parent if found else Path(d.root)).resolve())
+    from cnnrnn.data import folder
+
+    return folder.fingerprint(d)
+
+
+def flips(d: Data, fmt: Format) -> float:
+    """data.hflip, or where it is null the default of the data: flips only where a mirror image keeps its class."""
+    return d.hflip if d.hflip is not None else 0.5 if fmt.flips else 0.0
+
+
+def augmentation(d: Data, fmt: Format) -> Augment | None:
+    return Augment(flips(d, fmt), d.shift, fmt.background) if d.augment else None
 
 
 def on_device(splits: dict[str, Split], device) -> dict[str, Split]:
@@ -32,16 +63,25 @@ def on_device(splits: dict[str, Split], device) -> dict[str, Split]:
     return splits if device is None else {name: split.to(device) for name, split in splits.items()}
 
 
-def items(d: Data, seed: int, splits: dict[str, Split], device=None) -> Sources:
+def floor(d: Data, n: int, least: int) -> int:
+    return n if d.source == "fashion_mnist" else max(n, least)
+
+
+def epoch_size(d: Data, n_train: int) -> int:
+    return d.epoch_size or floor(d, n_train, EPOCH_FLOOR)
+
+
+def items(d: Data, seed: int, splits: dict[str, Split], fmt: Format, device=None) -> Sources:
     splits = on_device(splits, device)
     n_eval = min(d.train_eval_size, len(splits["train"]))
-    deg = dict(degrade=d.degrade)
-    return Sources(ItemSource(splits["train"], seed, augmentation(d), fixed=False, **deg),
+    deg = dict(degrade=d.degrade, background=fmt.background)
+    return Sources(ItemSource(splits["train"], seed, augmentation(d, fmt), fixed=False,
+                              size=epoch_size(d, len(splits["train"])), **deg),
                    ItemSource(splits["train"].subset(torch.arange(n_eval)), d.seed + 3, **deg),
                    ItemSource(splits["val"], d.seed + 1, **deg), ItemSource(splits["test"], d.seed + 2, **deg))
 
 
-def composites(d: Data, seed: int, batch_size: int, splits: dict[str, Split], scene: Scene | None = None,
+def composites(d: Data, seed: int, batch_size: int, splits: dict[str, Split], fmt: Format, scene: Scene | None = None,
                device=None) -> Sources:
     """Composite sources; the fixed ones (train_eval, val, test) are seeded by data.seed only: identical across
     runs, seeds and models."""
@@ -49,12 +89,37 @@ def composites(d: Data, seed: int, batch_size: int, splits: dict[str, Split], sc
 
     def source(split: Split, size: int, grid: int, **kwargs) -> CompositeSource:
         # with mixed grids, a smaller grid holds at most one item per cell
-        return CompositeSource(split, size, grid=grid, min_items=d.min_items, max_items=min(d.max_items, grid ** 2),
-                               degrade=d.degrade, scene=scene, repeats=d.repeats, **kwargs)
+        return CompositeSource(split, size, grid, d.min_items, min(d.max_items, grid ** 2), degrade=d.degrade,
+                               scene=scene, repeats=d.repeats, background=fmt.background, classes=len(fmt.classes),
+                               **kwargs)
 
-    n_train, n_eval = d.epoch_size or len(splits["train"]), min(d.train_eval_size, len(splits["train"]))
-    train = [source(splits["train"], n_train, g, seed=seed, augment=augmentation(d)) for g in d.grids]
+    n_train, n_eval = epoch_size(d, len(splits["train"])), min(d.train_eval_size, len(splits["train"]))
+    n_val = d.val_composites or floor(d, len(splits["val"]), VAL_FLOOR)
+    train = [source(splits["train"], n_train, g, seed=seed, augment=augmentation(d, fmt)) for g in d.grids]
     return Sources(train[0] if len(train) == 1 else MixedGridSource(train, batch_size, seed),
                    source(splits["train"], n_eval, d.test_grid, seed=d.seed + 3, fixed=True),
-                   source(splits["val"], d.val_size, d.test_grid, seed=d.seed + 1, fixed=True),
+                   source(splits["val"], n_val, d.test_grid, seed=d.seed + 1, fixed=True),
                    source(splits["test"], d.test_size, d.test_grid, seed=d.seed + 2, fixed=True))
+
+
+def pictures(d: Data, seed: int, splits: dict[str, Split], fmt: Format, device=None) -> Sources:
+    """Sources of whole pictures: a user's multi-label pictures (fmt.picture), or items scattered on a canvas
+    (data.layout=scatter); the fixed ones seeded by data.seed only."""
+    from cnnrnn.data.scatter import PictureSource, ScatterSource
+
+    splits = on_device(splits, device)
+    n_train, n_eval = epoch_size(d, len(splits["train"])), min(d.train_eval_size, len(splits["train"]))
+    if fmt.picture:
+        return Sources(PictureSource(splits["train"], seed, augmentation(d, fmt), fixed=False, size=n_train),
+                       PictureSource(splits["train"].subset(torch.arange(n_eval)), d.seed + 3),
+                       PictureSource(splits["val"], d.seed + 1), PictureSource(splits["test"], d.seed + 2))
+
+    def source(split: Split, size: int, **kwargs) -> ScatterSource:
+        return ScatterSource(split, size, d.picture_size, d.min_items, d.max_items, repeats=d.repeats,
+                             clutter=d.clutter, background=fmt.background, classes=len(fmt.classes), **kwargs)
+
+    n_val = d.val_composites or floor(d, len(splits["val"]), VAL_FLOOR)
+    return Sources(source(splits["train"], n_train, seed=seed, augment=augmentation(d, fmt)),
+                   source(splits["train"], n_eval, seed=d.seed + 3, fixed=True),
+                   source(splits["val"], n_val, seed=d.seed + 1, fixed=True),
+                   source(splits["test"], d.test_size, seed=d.seed + 2, fixed=True))

@@ -13,9 +13,10 @@ from cnnrnn.models.cnn import CNNBCE, SmallCNN
 from cnnrnn.models.cnn_rnn import CNNRNN
 from cnnrnn.models.lstm import RowLSTM
 
-INTERNAL = ("num_classes", "max_labels", "side", "width")  # set by the code from the data, never by a config
+INTERNAL = ("num_classes", "max_labels", "side", "width", "in_channels")  # set from the data, never by a config
 LABEL_ORDERS = ("frequency", "rare_first", "spatial", "random", "orderless")
 TARGETS = ("set", "multiset")
+ENCODERS = ("auto", "cells", "picture")
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,8 @@ MODELS: dict[str, Spec] = {
     "lstm": Spec(RowLSTM, "single"),
     "cnn": Spec(SmallCNN, "single"),
     "cnn_rnn": Spec(CNNRNN, "sequence", {"label_order": "frequency", "init_from": None},
-                    {"label_order": LABEL_ORDERS, "target": TARGETS}),
-    "cnn_bce": Spec(CNNBCE, "bce", {"init_from": None}),
+                    {"label_order": LABEL_ORDERS, "target": TARGETS, "encoder": ENCODERS}),
+    "cnn_bce": Spec(CNNBCE, "bce", {"init_from": None}, {"encoder": ENCODERS}),
 }
 
 

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-
-CELL = 28  # pixels a side of one item, and of one cell of a composite
-
 
 class FastDropout(nn.Module):
     """nn.Dropout with a mask drawn as one random byte per element, so `p` is rounded to a multiple of 1/256.
@@ -34,16 +32,16 @@ class FastDropout(nn.Module):
 
 
 class ConvEncoder(nn.Module):
-    """Stages of (conv3x3 + batch norm + ReLU) x convs and a 2x2 max pool: (B, 1, H, W) -> (B, C, H/2^n, W/2^n).
+    """Stages of (conv3x3 + batch norm + ReLU) x convs and a 2x2 max pool: (B, C, H, W) -> (B, C', H/2^n, W/2^n).
 
     Each stage pools right after its last conv, before batch norm and ReLU: the ReLU and the max commute, and
     batch norm then sees a quarter of the pixels (its statistics are the pooled map's), so a training step on
     CPU, where these memory-bound layers dominate, is faster at the same validation accuracy (docs/speed.md).
     """
 
-    def __init__(self, channels: tuple[int, ...], convs: int):
+    def __init__(self, channels: tuple[int, ...], convs: int, in_channels: int = 1):
         super().__init__()
-        layers, c_in = [], 1
+        layers, c_in = [], in_channels
         for c_out in channels:
             for i in range(convs):
                 layers.append(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False))
@@ -64,9 +62,10 @@ class SmallCNN(nn.Module):
     apply its `embed` to every 28x28 cell of a picture."""
 
     def __init__(self, num_classes: int = 10, channels: tuple[int, ...] = (32, 64), convs: int = 1, hidden: int = 128,
-                 dropout: float = 0.3, side: int = 28):
+                 dropout: float = 0.3, side: int = 28, in_channels: int = 1):
         super().__init__()
-        self.encoder = ConvEncoder(channels, convs)
+        self.side, self.stride = side, 2 ** len(channels)  # of the items it reads; its map's step in pixels
+        self.encoder = ConvEncoder(channels, convs, in_channels)
         cells = (side // 2 ** len(channels)) ** 2
         self.dense = nn.Sequential(
             nn.Flatten(),                     # (B, C, h, w) -> (B, C*h*w)
@@ -77,7 +76,7 @@ class SmallCNN(nn.Module):
         self.head = nn.Sequential(FastDropout(dropout), nn.Linear(hidden, num_classes))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Items (N, 1, 28, 28) -> features (N, hidden)."""
+        """Items (N, C, S, S) -> features (N, hidden)."""
         return self.dense(self.encoder(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,23 +84,58 @@ class SmallCNN(nn.Module):
 
 
 def read_cells(reader: SmallCNN, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
-    """The reader's features of every 28x28 cell of pictures (B, 1, H, W), in reading order: (B, L, D). With `flip`,
-    each cell's features averaged with its mirror image's (test-time flips)."""
-    b, _, h, w = x.shape
-    gh, gw = h // CELL, w // CELL
-    cells = x.reshape(b, gh, CELL, gw, CELL).transpose(2, 3)             # (B, 1, H, W) -> (B, gh, gw, 28, 28)
-    cells = cells.reshape(b * gh * gw, 1, CELL, CELL)                     # (B*L, 1, 28, 28), reading order
+    """The reader's features of every S x S cell of pictures (B, C, H, W), in reading order: (B, L, D). With
+    `flip`, each cell's features averaged with its mirror image's (test-time flips)."""
+    b, c, h, w = x.shape
+    s = reader.side
+    gh, gw = h // s, w // s
+    cells = x.reshape(b, c, gh, s, gw, s).permute(0, 2, 4, 1, 3, 5)     # (B, C, H, W) -> (B, gh, gw, C, S, S)
+    cells = cells.reshape(b * gh * gw, c, s, s)                           # (B*L, C, S, S), reading order
     feats = reader.embed(cells)
     if flip:
         feats = (feats + reader.embed(cells.flip(-1))) / 2
     return feats.view(b, gh * gw, -1)                                     # (B*L, D) -> (B, L, D)
 
 
+def read_windows(reader: SmallCNN, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """The reader slid over whole pictures (B, C, H, W): its convs over the picture, its dense layer as a conv of an
+    item's size over their map, so each position is the reader's features of one S x S window, at a stride of
+    2^stages pixels, in reading order: (B, L, D). With `flip`, averaged with the mirror image's, mirrored back."""
+    maps = reader.dense[1](reader.encoder(x))                                # (B, C', H/s, W/s), dropped out
+    dense = reader.dense[2]
+    k = reader.side // (x.shape[-1] // maps.shape[-1])                        # an item's side on the map
+    kernel = dense.weight.view(dense.out_features, maps.shape[1], k, k)      # (D, C'*k*k) -> (D, C', k, k)
+    feats = torch.relu(F.conv2d(maps, kernel, dense.bias))                    # (B, D, h, w)
+    if flip:
+        feats = (feats + read_windows(reader, x.flip(-1)).transpose(1, 2).reshape(feats.shape).flip(-1)) / 2
+    return feats.flatten(2).transpose(1, 2)                                   # (B, D, h, w) -> (B, h*w, D)
+
+
 class ReadsCells(nn.Module):
     """A composite model built on the per-item reader (`self.reader`), which `freeze_reader` keeps as it is: no
-    gradients, batch norm in eval mode even while the rest trains."""
+    gradients, batch norm in eval mode even while the rest trains. `encoder`: 'cells' reads each S x S cell of a
+    grid, 'picture' slides the reader over the whole picture (read_windows)."""
 
-    frozen = False
+    frozen, encoder = False, "cells"
+
+    def centers(self, x: torch.Tensor) -> torch.Tensor:
+        """(L, 2) the centre (y, x) in pixels of each position `read` gives for pictures x (B, C, H, W); of the
+        cells of a square grid for cell features (B, L, D)."""
+        s = self.reader.side
+        if x.dim() == 3:
+            h = w = round(x.shape[1] ** 0.5) * s
+        else:
+            h, w = x.shape[-2:]
+        step = s if x.dim() == 3 or self.encoder == "cells" else self.reader.stride
+        ys = torch.arange(0, h - s + 1, step, device=x.device) + s / 2
+        xs = torch.arange(0, w - s + 1, step, device=x.device) + s / 2
+        return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).flatten(0, 1)  # (h', w', 2) -> (L, 2)
+
+    def read(self, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
+        """Features (B, L, D) of pictures (B, C, H, W), or the reader's cell features (B, L, D) as they are."""
+        if x.dim() == 3:
+            return x
+        return (read_cells if self.encoder == "cells" else read_windows)(self.reader, x, flip)
 
     def freeze_reader(self) -> None:
         self.frozen = True
@@ -120,13 +154,14 @@ class CNNBCE(ReadsCells):
     of per-class logits."""
 
     def __init__(self, num_classes: int = 10, channels: tuple[int, ...] = (32, 64), convs: int = 2,
-                 cell_dim: int = 256, dropout: float = 0.3):
+                 cell_dim: int = 256, dropout: float = 0.3, encoder: str = "auto", side: int = 28,
+                 in_channels: int = 1):
         super().__init__()
-        self.reader = SmallCNN(num_classes, channels, convs, cell_dim, dropout)
+        self.reader = SmallCNN(num_classes, channels, convs, cell_dim, dropout, side, in_channels)
+        self.encoder = "picture" if encoder == "picture" else "cells"  # auto: build.model decides from the data
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(cell_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Pictures (B, 1, H, W), or the reader's cell features (B, L, D) -> logits (B, classes)."""
-        feats = x if x.dim() == 3 else read_cells(self.reader, x)      # (B, L, D)
-        return self.head(self.drop(feats.amax(dim=1)))                 # (B, D) -> (B, classes)
+        """Pictures (B, C, H, W), or the reader's cell features (B, L, D) -> logits (B, classes)."""
+        return self.head(self.drop(self.read(x).amax(dim=1)))         # (B, L, D) -> (B, D) -> (B, classes)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnrnn.models.cnn import CELL, ReadsCells, SmallCNN, read_cells
+from cnnrnn.models.cnn import ReadsCells, SmallCNN
 
 Teacher = Callable[[int, torch.Tensor], torch.Tensor]  # (step, logits (B, C+1)) -> next tokens (B,)
 # A cell whose pixels span less than this (normalised input: about 9 of 255 grey levels) is empty.
@@ -31,7 +31,8 @@ class CNNRNN(ReadsCells):
     def __init__(self, num_classes: int = 10, channels: tuple[int, ...] = (32, 64), convs: int = 2,
                  cell_dim: int = 256, embed: int = 64, hidden: int = 256, attention: bool = True, attn_dim: int = 128,
                  dropout: float = 0.3,
-                 beam_size: int = 1, max_labels: int = 4, feedback: bool = True, target: str = "set"):
+                 beam_size: int = 1, max_labels: int = 4, feedback: bool = True, target: str = "set",
+                 encoder: str = "auto", side: int = 28, in_channels: int = 1):
         super().__init__()
         if target not in ("set", "multiset"):
             raise ValueError(f"target must be 'set' or 'multiset', got {target!r}")
@@ -44,7 +45,9 @@ class CNNRNN(ReadsCells):
         # emitted before, so the decoder still attends step by step but never sees its own outputs.
         self.feedback = feedback
         # the per-item reader (a single-label model of its own: its checkpoint loads here as it is)
-        self.reader = SmallCNN(num_classes, channels, convs, cell_dim, dropout)
+        self.reader = SmallCNN(num_classes, channels, convs, cell_dim, dropout, side, in_channels)
+        # cells: the reader on each cell of a grid; picture: slid over the whole picture; auto: build.model decides
+        self.encoder = "picture" if encoder == "picture" else "cells"
         feat = cell_dim
         self.embed = nn.Embedding(num_classes + 2, embed)
         self.init_h = nn.Linear(feat, hidden)
@@ -58,11 +61,13 @@ class CNNRNN(ReadsCells):
 
     def encode(self, x: torch.Tensor, flip: bool = False):
         """Features (B, L, D), their attention keys (B, L, A), the initial LSTM state and the cells read (B, L)
-        bool (None: all; see `cells_read`). `x`: pictures (B, 1, H, W), or cell features (B, L, D) the reader gave
+        bool (None: all; see `cells_read`). `x`: pictures (B, C, H, W), or cell features (B, L, D) the reader gave
         before (a frozen reader's, computed once). With `flip`, each cell's features are averaged with its mirror
         image's (test-time flips)."""
-        feats = x if x.dim() == 3 else read_cells(self.reader, x, flip)   # (B, L, D)
-        read = None if x.dim() == 3 else self.cells_read(x, x.shape[-2] // CELL, x.shape[-1] // CELL)
+        feats = self.read(x, flip)                                      # (B, L, D)
+        s = self.reader.side
+        read = None if x.dim() == 3 or self.encoder != "cells" else self.cells_read(x, x.shape[-2] // s,
+                                                                                     x.shape[-1] // s)
         if read is None:
             mean = feats.mean(dim=1)                             # (B, D)
         else:
@@ -79,7 +84,7 @@ class CNNRNN(ReadsCells):
         a larger picture in its mean and its attention, it stopped early (docs/grids.md)."""
         if h * w <= self.max_labels:
             return None
-        cells = x.unflatten(2, (h, -1)).unflatten(4, (w, -1))   # (B, 1, H, W) -> (B, 1, h, H/h, w, W/w)
+        cells = x.unflatten(2, (h, -1)).unflatten(4, (w, -1))   # (B, C, H, W) -> (B, C, h, H/h, w, W/w)
         tone = cells.amax(dim=(1, 3, 5)) - cells.amin(dim=(1, 3, 5))                # (B, h, w)
         empty = (tone < EMPTY_TONE).flatten(1)                                       # (B, L)
         spare = (self.max_labels - (~empty).sum(1, keepdim=True)).clamp(min=0)       # (B, 1)

@@ -1,4 +1,4 @@
-"""The write-up's row reader: an image as 28 time steps of 28 pixels, an LSTM, a linear head."""
+"""The write-up's row reader: an image as 28 time steps of 28 pixels (of each channel), an LSTM, a linear head."""
 from __future__ import annotations
 
 import torch
@@ -17,6 +17,6 @@ class RowLSTM(nn.Module):
         self.head = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.flatten(1, 2)               # (B, 1, H, W) -> (B, H, W): H steps of W pixels
+        rows = x.transpose(1, 2).flatten(2)  # (B, C, H, W) -> (B, H, C*W): H steps of the row's pixels
         _, (h, _) = self.lstm(rows)          # h: (layers, B, hidden)
         return self.head(self.drop(h[-1]))   # (B, hidden) -> (B, classes)
