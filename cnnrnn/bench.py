@@ -26,8 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cnnrnn import build
 from cnnrnn.config import MAX_BATCH, preset
 from cnnrnn.data.composite import CompositeSource
-from cnnrnn.data.fashion_mnist import CLASSES, FORMAT
-from cnnrnn.data.items import Split
+from cnnrnn.data.items import Format, Split
 from cnnrnn.data.loader import ItemSource
 from cnnrnn.engine import autocast, keep_freed_memory, resolve_amp, to_device
 from cnnrnn.errors import UserError, fail, refusals
@@ -36,6 +35,7 @@ from cnnrnn.ranks import pick_device
 from cnnrnn.tasks import make_task
 
 
+FORMAT = Format(tuple(str(c) for c in range(10)))  # ten classes of 28x28 gray items: random pixels time the same
 MODELS = {"lstm": "lstm", "lstm2": "lstm2", "cnn": "cnn", "cnn_rnn": "multilabel", "cnn_bce": "multilabel_bce"}
 
 
@@ -58,7 +58,7 @@ def fake_source(composites: bool, n: int = 4096):
     """Random items in memory, shaped as the real data (the speed does not depend on the pixels)."""
     g = torch.Generator().manual_seed(0)
     split = Split(torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g),
-                  torch.randint(0, len(CLASSES), (n,), generator=g))
+                  torch.randint(0, len(FORMAT.classes), (n,), generator=g))
     return CompositeSource(split, n, grid=2, min_items=1, max_items=4, seed=0) if composites else ItemSource(split)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from cnnrnn import checkpoint
 from cnnrnn.config import MODEL_OF, Config, from_dict
-from cnnrnn.data import fashion_mnist
+from cnnrnn.data import sources
 from cnnrnn.data.items import Format
 from cnnrnn.errors import UserError
 from cnnrnn.models import build_model
@@ -35,10 +35,7 @@ def encoder(cfg: Config, fmt: Format) -> str:
     return "picture" if fmt.picture or cfg.data.layout == "scatter" else "cells"
 
 
-def provisional(cfg: Config) -> Format:
-    """The Format a run's data will have, before it is read: Fashion-MNIST's, or a user's size and channels."""
-    d = cfg.data
-    return fashion_mnist.FORMAT if d.source == "fashion_mnist" else Format(("a", "b"), d.size, d.channels)
+
 
 
 def optimizer(cfg: Config, net: nn.Module, steps_per_epoch: int):
@@ -165,30 +162,14 @@ def probe(cfg: Config, task: Task) -> None:
                         f"({reason}); compare them with `python -m cnnrnn.train task={cfg.task} --cfg job`.") from None
 
 
-def check_pictures(d) -> None:
-    """A user's folder or CSV listed and checked, and the cache of its pictures usable, before any work."""
-    from cnnrnn.cache import Cache
-    from cnnrnn.data import folder
-
-    if not Path(d.path).exists():
-        raise UserError(f"data.path={d.path} does not exist; give the folder or the CSV file of your pictures.")
-    listing = folder.listing_of(d)
-    if d.cache:
-        Cache(d.cache, "data.cache").check(folder.cache_key(d, listing))
-
-
 def preflight(cfg: Config) -> None:
     """Check the model and every file a run will read (scene, model.init_from) before any work."""
     from cnnrnn.ranks import pick_device
 
     pick_device(cfg.trainer.device)  # a GPU asked for where there is none: before the reader stage's folder
-    fmt = provisional(cfg)
-    if cfg.data.source != "fashion_mnist":
-        check_pictures(cfg.data)
-    task = make_task(cfg, fmt)
+    task = make_task(cfg, sources.preview(cfg.data))
     probe(cfg, task)
-    if cfg.data.source == "fashion_mnist":  # a user's scene is checked against the data's own class names
-        task.scene_spec(cfg)
+    task.scene_spec(cfg)
     if cfg.model.get("init_from"):
-        init_encoder(model(cfg, fmt), reader_model(cfg.model["init_from"], split=cfg), cfg.model["init_from"])
+        init_encoder(model(cfg, task.fmt), reader_model(cfg.model["init_from"], split=cfg), cfg.model["init_from"])
 

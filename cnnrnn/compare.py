@@ -198,7 +198,7 @@ def runs_table(runs: list[Run], single: bool) -> str:
 def table(runs: list[Run]) -> str:
     """table.md: a table for the single-label runs and one for the multi-label runs (those present)."""
     parts = []
-    for single, title in ((True, "Single-label runs (Fashion-MNIST test set)"),
+    for single, title in ((True, "Single-label runs (test items)"),
                           (False, "Multi-label runs (test composites)")):
         chosen = [r for r in runs if r.single == single]
         if chosen:

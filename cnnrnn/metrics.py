@@ -75,7 +75,7 @@ def grounding(tokens, alpha, cells, boxes, centers, side: int, y_true) -> dict[s
     Over every correctly emitted label whose class is that of exactly one item: `grounding` is the share of such
     steps whose attention peak (the centre of the position with the highest weight) falls inside that item's box,
     `grounding_mass` the mean attention on the positions whose centres do. tokens (N, T) emitted classes (>= C:
-    END), alpha (N, T, L) attention over L positions centred at centers (L, 2) (y, x) pixels, cells (N, M) the class
+    END), alpha (N, T, L) attention over L positions centred at centers (N, L, 2) (y, x) pixels, cells (N, M) the class
     of each item (-1: none), boxes (N, M, 2) their top-left corners, items side x side; y_true (N, C) the true
     label sets. Empty if no step counts.
     """
@@ -88,8 +88,8 @@ def grounding(tokens, alpha, cells, boxes, centers, side: int, y_true) -> dict[s
         return {}
     where = holds.float().argmax(2)                                                        # (N, T) the one item
     corner = boxes.gather(1, where.flatten(1)[..., None].expand(-1, -1, 2)).view(*where.shape, 2).float()  # (N,T,2)
-    inside = ((centers[None, None] >= corner[:, :, None]) &
-              (centers[None, None] < corner[:, :, None] + side)).all(-1)                   # (N, T, L)
+    inside = ((centers[:, None] >= corner[:, :, None]) &
+              (centers[:, None] < corner[:, :, None] + side)).all(-1)                      # (N, T, L)
     mass = (alpha.float() * inside).sum(2)
     peak = inside.gather(2, alpha.float().argmax(2, keepdim=True)).squeeze(2)
     return {"grounding": float(peak[eligible].float().mean()), "grounding_mass": float(mass[eligible].mean())}

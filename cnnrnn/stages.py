@@ -73,8 +73,8 @@ def recipe_digest(cfg: Config) -> str:
 def prepare(cfg: Config, out_dir: Path) -> tuple[Config, list[Stage]]:
     """The config the run trains with and the stages it needs first: a composite run without model.init_from
     starts from a reader trained on single items (reader.train), which also serves as its tile oracle."""
-    if "init_from" not in cfg.model or not cfg.reader.train:
-        return cfg, []
+    if "init_from" not in cfg.model or not cfg.reader.train or not sources.has_items(cfg.data):
+        return cfg, []  # no reader stage: asked so, or pictures without items to train it on
     stage_cfg = reader_config(cfg)
     cache, name = ((Cache(cfg.reader.cache, "reader.cache"), f"reader-{recipe_digest(stage_cfg)}") if cfg.reader.cache
                    else (Cache(out_dir, "the run folder"), "reader"))

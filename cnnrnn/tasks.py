@@ -189,7 +189,7 @@ class Composites(Named):
         if "alpha" in out:
             n = min(6, len(target))
             figs["test/attention"] = viz.attention(images[:n], out["alpha"][:n], out["tokens"][:n], self.classes,
-                                                   out["centers"], self.fmt.size)
+                                                   out["centers"][0], self.fmt.size)
         return figs
 
 
@@ -360,7 +360,8 @@ class LabelSequence(Composites):
         if "feats_flip" in batch and self.tta:  # what read_cells(flip=True) computes from the pixels
             x = (x + batch["feats_flip"]) / 2
         out = model.generate(x, flip=self.tta and x.dim() == 4, max_labels=self.limit(x))
-        pred = {"tokens": out["tokens"], "scores": out["scores"], "alpha": out["alpha"], "centers": model.centers(x)}
+        pred = {"tokens": out["tokens"], "scores": out["scores"], "alpha": out["alpha"],
+                "centers": model.centers(x).expand(len(x), -1, -1)}  # (B, L, 2) the positions' centres
         if "boxes" in batch:
             pred.update(cells=batch["cells"], boxes=batch["boxes"])
         return pred

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cnnrnn import build, checkpoint, viz
-from cnnrnn.config import Config
+from cnnrnn.config import MODEL_OF, Config
 from cnnrnn.data import sources
 from cnnrnn.data.composite import CellFeatures
 from cnnrnn.data.loader import batches, num_batches
@@ -30,7 +30,7 @@ from cnnrnn.data.sources import Sources
 from cnnrnn.engine import NonFiniteLoss, autocast, ema_update, keep_freed_memory, score, train_steps
 from cnnrnn.errors import UserError
 from cnnrnn.files import strict_json, write_atomic
-from cnnrnn.models import count_params
+from cnnrnn.models import MODELS, count_params
 from cnnrnn.models.cnn import SmallCNN
 from cnnrnn.ranks import Process, Stopped, StopSignals, gather_rng, restore_rng, seed_everything, start_process
 from cnnrnn.report import duration
@@ -131,6 +131,7 @@ def setup(cfg: Config, out_dir: Path, saved: dict | None = None, distributed: bo
     proc = start_process(cfg.trainer, cfg.seed, distributed)
     keep_freed_memory()
     splits, fmt = sources.load(cfg.data)
+    check_kind(cfg, fmt)
     if saved is not None and saved.get("items") != fmt.to_dict():
         raise UserError(f"The data of {out_dir} have changed since the run started (its classes, size or pixels); "
                         f"continue it on the same data, or start a new run.")
@@ -173,6 +174,16 @@ def setup(cfg: Config, out_dir: Path, saved: dict | None = None, distributed: bo
              len(src.val), len(src.test), proc.device, f" ranks={proc.world}" if proc.world > 1 else "")
     return Training(cfg, out_dir, proc, task, src, model, train_model, ema, optimizer, scheduler, state, writer,
                     scene_spec, reader, t_start)
+
+
+def check_kind(cfg: Config, fmt) -> None:
+    """Multi-label pictures train only the composite tasks, with the picture encoder."""
+    if fmt.picture and MODELS[MODEL_OF[cfg.task]].kind == "single":
+        raise UserError(f"data.path={cfg.data.path} holds multi-label pictures (a row with several labels, or "
+                        f"data.kind=pictures), which task={cfg.task} cannot learn; train task=multilabel or "
+                        f"multilabel_bce.")
+    if fmt.picture and cfg.model.get("encoder") == "cells":
+        raise UserError("model.encoder=cells reads a grid of items, and these pictures have none; drop it.")
 
 
 def start_model(cfg: Config, fmt, proc: Process, saved: dict | None) -> tuple[nn.Module, SmallCNN | None]:

@@ -87,10 +87,21 @@ def labelled_grid(images: torch.Tensor, true: list[list[str]], pred: list[list[s
     return fig
 
 
-def attention(images: torch.Tensor, alphas: torch.Tensor, tokens: torch.Tensor, classes, end: int) -> Figure:
-    """Per image, the attention map at each decoding step over the image, titled with the emitted label."""
-    n, steps = len(images), alphas.shape[1]
-    side = int(round(math.sqrt(alphas.shape[2])))
+def heat(alpha: torch.Tensor, centers: torch.Tensor, shape, side: int) -> torch.Tensor:
+    """An attention map (H, W) over a picture: each position's weight painted over the square around its centre
+    (centers (L, 2)) as wide as the step between positions, or a whole cell (side) where they are cells."""
+    step = float((centers[1] - centers[0]).abs().max()) if len(centers) > 1 else side
+    half = max(1.0, min(step, side) / 2)
+    ys, xs = torch.arange(shape[0]) + 0.5, torch.arange(shape[1]) + 0.5
+    near_y = (ys[None, :] - centers[:, :1]).abs() < half                       # (L, H)
+    near_x = (xs[None, :] - centers[:, 1:]).abs() < half                       # (L, W)
+    return torch.einsum("l,lh,lw->hw", alpha.float(), near_y.float(), near_x.float())
+
+
+def attention(images: torch.Tensor, alphas: torch.Tensor, tokens: torch.Tensor, classes, centers: torch.Tensor,
+              side: int) -> Figure:
+    """Per picture, the attention at each decoding step painted over it, titled with the label it emitted."""
+    n, steps, end = len(images), alphas.shape[1], len(classes)
     fig, axes = _subplots(n, steps + 1, figsize=((steps + 1) * 1.8, n * 1.9), squeeze=False)
     for i in range(n):
         img = images[i]
@@ -99,12 +110,10 @@ def attention(images: torch.Tensor, alphas: torch.Tensor, tokens: torch.Tensor, 
         for t in range(steps):
             if t > 0 and int(tokens[i, t - 1]) == end:
                 break  # nothing is decoded after END
-            ax = axes[i, t + 1]
-            token = int(tokens[i, t])
-            amap = alphas[i, t].view(1, 1, side, side).float()
-            amap = torch.nn.functional.interpolate(amap, size=img.shape[1:], mode="nearest")[0, 0]
+            ax, token = axes[i, t + 1], int(tokens[i, t])
             show(ax, img)
-            ax.imshow(amap.numpy(), cmap="magma", alpha=0.5, vmin=0, vmax=1)
+            amap = heat(alphas[i, t], centers.cpu(), img.shape[1:], side)
+            ax.imshow(amap.numpy(), cmap="magma", alpha=0.5, vmin=0, vmax=max(float(amap.max()), 1e-6))
             ax.set_title(f"{t + 1}: {classes[token] if token < end else 'END'}", fontsize=7)
         for ax in axes[i]:
             ax.axis("off")

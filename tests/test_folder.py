@@ -265,3 +265,48 @@ def test_a_stop_while_the_cache_is_built_leaves_no_entry_and_the_next_run_builds
     monkeypatch.setattr(folder, "convert", real)
     splits, _ = sources.load(d)
     assert len(list((tmp_path / "cache").glob("pictures-*"))) == 1 and len(splits["train"]) > 0
+
+
+def picture_csv(root: Path, n: int = 60, canvas: int = 48) -> Path:
+    """A CSV of multi-label pictures (no item labels): 0-2 of the drawings at free positions, some empty."""
+    rng = np.random.default_rng(0)
+    (root / "pics").mkdir(parents=True)
+    rows = ["file,labels"]
+    for i in range(n):
+        picture, names = np.zeros((canvas, canvas), np.uint8), []
+        for c in sorted(rng.choice(3, size=int(rng.integers(0, 3)), replace=False)):
+            y, x = rng.integers(0, canvas - 24, size=2)
+            picture[y:y + 24, x:x + 24] = np.maximum(picture[y:y + 24, x:x + 24], drawing(int(c), i, 24))
+            names.append(CLASSES[c])
+        Image.fromarray(picture).save(root / "pics" / f"{i}.png")
+        rows.append(f"pics/{i}.png,{' '.join(names)}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root / "labels.csv"
+
+
+def test_a_csv_of_multi_label_pictures_trains_the_picture_encoder_and_predicts_names(tmp_path, capsys, onnx_ready):
+    from cnnrnn import export, predict
+    from conftest import run_main
+
+    path = picture_csv(tmp_path)
+    cfg = preset("multilabel", data={"source": "csv", "path": str(path), "picture_size": 48, "size": 24,
+                                     "cache": None, "epoch_size": 60},
+                 model={"channels": [4, 8], "cell_dim": 16, "embed": 8, "hidden": 16, "attn_dim": 8},
+                 trainer={"epochs": 1, "batch_size": 10, "progress": False})
+    assert stages.prepare(cfg, tmp_path / "run")[1] == []          # no items: no reader stage
+    splits, fmt = sources.load(cfg.data)
+    assert fmt.picture == 48 and splits["train"].labels.shape[1] == 3 and (splits["train"].labels.sum(1) == 0).any()
+    metrics = stages.run(cfg, tmp_path / "run")
+    assert {f"test/f1/{c}" for c in CLASSES} <= set(metrics) and "oracle/f1_samples" not in metrics
+    best = tmp_path / "run" / "checkpoints" / "best.pt"
+    code, out, err = run_main(capsys, predict.main, best, tmp_path / "pics" / "1.png", tmp_path / "pics" / "2.png")
+    assert code == 0, err
+    assert all(set(json.loads(line)["scores"]) == set(CLASSES) for line in out.splitlines())
+    export.export_checkpoint(best, tmp_path / "m.onnx")
+    code, onnx_out, _ = run_main(capsys, predict.main, tmp_path / "m.onnx", tmp_path / "pics" / "1.png",
+                                 tmp_path / "pics" / "2.png")
+    assert [json.loads(line)["labels"] for line in onnx_out.splitlines()] == [
+        json.loads(line)["labels"] for line in out.splitlines()]
+    with pytest.raises(UserError, match="holds multi-label pictures"):
+        sources.load(preset("cnn", data={"source": "csv", "path": str(path), "cache": None}).data) and \
+            stages.run(preset("cnn", data={"source": "csv", "path": str(path), "cache": None}), tmp_path / "c")

@@ -78,7 +78,16 @@ def test_best_threshold_is_the_micro_f1_optimum():
 COAT, TROUSER, TSHIRT, SANDAL = (FASHION.index(c) for c in ("Coat", "Trouser", "T-shirt/top", "Sandal"))
 
 
-def test_grounding_is_one_on_the_right_cell_and_zero_on_a_wrong_one():
+CELL_BOXES = torch.tensor([[0, 0], [0, 28], [28, 0], [28, 28]])      # a 2x2 grid of 28x28 cells
+CELL_CENTERS = CELL_BOXES + 14.0
+
+
+def ground(tokens, alpha, cells, y, centers=CELL_CENTERS):
+    n = len(cells)
+    return metrics.grounding(tokens, alpha, cells, CELL_BOXES.expand(n, -1, -1), centers.expand(n, -1, -1), 28, y)
+
+
+def test_grounding_is_one_on_the_right_item_and_zero_on_a_wrong_one():
     cells = torch.tensor([[COAT, TROUSER, -1, COAT], [SANDAL, -1, -1, -1]])
     y = torch.zeros(2, 10)
     y[0, [COAT, TROUSER]] = 1
@@ -87,15 +96,17 @@ def test_grounding_is_one_on_the_right_cell_and_zero_on_a_wrong_one():
     right = torch.zeros(2, 3, 4)
     right[0, 0, 1] = 1   # Trouser at cell 1; Coat sits in two cells and does not count
     right[1, 0, 0] = 1
-    assert metrics.grounding(tokens, right, cells, y) == {"grounding": 1.0, "grounding_mass": 1.0}
+    assert ground(tokens, right, cells, y) == {"grounding": 1.0, "grounding_mass": 1.0}
     wrong = torch.zeros(2, 3, 4)
     wrong[0, 0, 2] = wrong[1, 0, 3] = 1
-    assert metrics.grounding(tokens, wrong, cells, y) == {"grounding": 0.0, "grounding_mass": 0.0}
-    # a wrongly emitted label does not count; a finer map (2x2 positions per cell) is pooled per cell
+    assert ground(tokens, wrong, cells, y) == {"grounding": 0.0, "grounding_mass": 0.0}
+    # a wrongly emitted label does not count; finer positions (windows every 14 pixels) count inside the box
     fine = torch.zeros(2, 3, 16)
     fine[:, 0, 0] = 0.75
     fine[:, 0, 15] = 0.25
-    out = metrics.grounding(torch.tensor([[TSHIRT, 10, 10], [SANDAL, 10, 10]]), fine, cells, y)
+    windows = torch.stack(torch.meshgrid(torch.arange(4) * 14.0 + 7, torch.arange(4) * 14.0 + 7, indexing="ij"),
+                          -1).flatten(0, 1)
+    out = ground(torch.tensor([[TSHIRT, 10, 10], [SANDAL, 10, 10]]), fine, cells, y, windows)
     assert out == {"grounding": 1.0, "grounding_mass": 0.75}
 
 
@@ -103,7 +114,7 @@ def test_grounding_is_empty_when_no_step_counts():
     cells = torch.tensor([[COAT, COAT, -1, -1]])
     y = torch.zeros(1, 10)
     y[0, COAT] = 1
-    assert metrics.grounding(torch.tensor([[COAT, 10]]), torch.full((1, 2, 4), 0.25), cells, y) == {}
+    assert ground(torch.tensor([[COAT, 10]]), torch.full((1, 2, 4), 0.25), cells, y) == {}
 
 
 def test_multiset_metrics_on_hand_made_counts():

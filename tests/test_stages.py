@@ -38,7 +38,7 @@ def test_a_composite_run_trains_its_reader_once_and_a_second_run_reuses_it(fake_
     splits = fashion_mnist.splits(fake_root, cfg.data.val_size)
     test = tasks.make_task(cfg, FORMAT).sources(cfg, splits).test
     assert isinstance(test, CompositeSource)
-    oracle = score_oracle(build.reader_model(best), cfg.data.test_grid, test, torch.device("cpu"), FORMAT)
+    oracle = score_oracle(build.reader_model(best), test, torch.device("cpu"), FORMAT)
     assert oracle["oracle/f1_samples"] == first["oracle/f1_samples"]
     # optim.reader_lr=0 (the default): the reader is frozen, so the trained model holds the reader as it was
     reader = checkpoint.load(best)["model"]

@@ -83,7 +83,8 @@ def test_make_task_picks_the_kind_and_restores_the_saved_state():
     assert isinstance(bce, MultiLabelBCE) and bce.state() == {"threshold": 0.37}
     counts = [5, 1, 9, 0, 0, 0, 0, 0, 0, 2]
     seq = make_task(preset("multilabel", model={"label_order": "rare_first"}), FORMAT, state={"class_counts": counts})
-    assert isinstance(seq, LabelSequence) and seq.state() == {"order": "rare_first", "class_counts": counts}
+    assert isinstance(seq, LabelSequence) and seq.state() == {"order": "rare_first", "class_counts": counts,
+                                                              "steps": None}
     fresh = make_task(preset("multilabel"), FORMAT, train_labels=torch.tensor([2, 2, 2, 0, 9]))
     assert fresh.state()["class_counts"] == [1, 0, 3, 0, 0, 0, 0, 0, 0, 1]
     assert fresh.sequences(torch.tensor([[1.0, 0, 1, 0, 0, 0, 0, 0, 0, 1]]), torch.tensor([[0, 2, 9, -1]]))[
@@ -164,9 +165,9 @@ def test_the_tile_oracle_names_the_class_of_each_occupied_cell():
     images = torch.arange(40, dtype=torch.uint8)[:, None, None].expand(40, 28, 28).clone()
     src = make_composites(Split(images, torch.arange(40) % 10), 30, seed=3, fixed=True)
     batch = src.batch(src.order(None))
-    out = TileOracle(2, FORMAT).predict(Brightness(), batch)
+    out = TileOracle(FORMAT).predict(Brightness(), batch)
     assert torch.equal(out["pred"], batch["labels"].bool())          # empty cells name nothing
-    result = TileOracle(2, FORMAT).metrics(out, batch["labels"])
+    result = TileOracle(FORMAT).metrics(out, batch["labels"])
     assert result["exact_match"] == 1.0 and result["f1_samples"] == 1.0
 
 

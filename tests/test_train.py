@@ -405,7 +405,7 @@ BAD = [  # (command, the words the one sentence must hold); values checked by un
     *([(["cnnrnn.train", "task=cnn", "trainer.device=cuda", "trainer.amp=false", "hydra.run.dir={bad}/runs-cuda"],
         "no CUDA device is available")] if not torch.cuda.is_available() else []),
     # inference
-    (["cnnrnn.evaluate", "{bad}/ckpt/full.pt", "--data", "{bad}/images"], "is a class folder with no pictures"),
+    (["cnnrnn.evaluate", "{bad}/ckpt/full.pt", "--data", "{bad}/images"], "holds no class folders of pictures"),
     (["cnnrnn.evaluate", "{bad}/exported.onnx"], "evaluate reads checkpoints"),
     (["cnnrnn.predict", "{bad}/ckpt/full.pt", "/dev/null"], "/dev/null is not a regular file"),
     (["cnnrnn.export", "{bad}/ckpt/full.pt", "{bad}/images/notes.png/m.onnx"], "is a file, not a folder"),

@@ -1,1 +1,1 @@
-"""Fashion-MNIST items and composites of them, as uint8 tensors in memory."""
+"""Items and pictures as uint8 tensors in memory: where they come from, what they are, composites of them."""

@@ -142,7 +142,7 @@ def decode(paths: list[Path], size: int, channels: int, skip_bad: bool) -> tuple
     fitted, bad = [], []
     with cf.ProcessPoolExecutor(max(1, min(cores(), len(chunks))), multiprocessing.get_context("fork"),
                                 initializer=_quiet) as pool, tqdm(total=len(paths), desc="decoding pictures",
-                                                                  unit="file", leave=False) as bar:
+                                                                  unit="file", leave=False, disable=None) as bar:
         for chunk, result in zip(chunks, pool.map(_decode_chunk, chunks, [size] * len(chunks),
                                                   [channels] * len(chunks))):
             for path, item in zip(chunk, result):

@@ -48,7 +48,7 @@ def to_array(img: Image.Image, channels: int, path, warn) -> np.ndarray:
         warn(f"{path} has transparent pixels; they are read as black.")
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
-    array = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+    array = np.array(img.convert("L" if channels == 1 else "RGB"))  # a writable copy, for torch.from_numpy
     return array[..., None] if channels == 1 else array
 
 

@@ -14,6 +14,7 @@ from cnnrnn.data.composite import CompositeSource, MixedGridSource
 from cnnrnn.data.items import Format, Split
 from cnnrnn.data.loader import ItemSource, Source
 from cnnrnn.data.scene import Scene
+from cnnrnn.errors import UserError
 
 # A user's small folder trains long enough and is validated on enough composites with the defaults: samples per
 # training epoch and validation composites at least (Fashion-MNIST has more items than either).
@@ -37,6 +38,23 @@ def load(d: Data) -> tuple[dict[str, Split], Format]:
     return folder.load(d)
 
 
+def preview(d: Data) -> Format:
+    """Before any work: the Format the data will have but for the statistics of their pixels (a user's folder or
+    CSV listed and checked, and the cache of its pictures usable)."""
+    if d.source == "fashion_mnist":
+        return fashion_mnist.FORMAT
+    from cnnrnn.cache import Cache
+    from cnnrnn.data import folder
+
+    if not Path(d.path).exists():
+        raise UserError(f"data.path={d.path} does not exist; give the folder or the CSV file of your pictures.")
+    listing = folder.listing_of(d)
+    if d.cache:
+        Cache(d.cache, "data.cache").check(folder.cache_key(d, listing))
+    classes = tuple(sorted({label for labels in listing.labels for label in labels})) or ("none",)
+    return Format(classes, d.size, d.channels, picture=d.picture_size if listing.pictures else 0)
+
+
 def fingerprint(d: Data) -> str:
     """What names the items a run reads: the folder Fashion-MNIST's files are found in, or a digest of a user's
     files (their names, sizes and times of change, and the CSV)."""
@@ -46,6 +64,15 @@ def fingerprint(d: Data) -> str:
     from cnnrnn.data import folder
 
     return folder.fingerprint(d)
+
+
+def has_items(d: Data) -> bool:
+    """Whether the data are items of one class each (a reader can be trained on them), not multi-label pictures."""
+    if d.source != "csv":
+        return True
+    from cnnrnn.data import folder
+
+    return not folder.listing_of(d).pictures
 
 
 def flips(d: Data, fmt: Format) -> float:

@@ -102,9 +102,8 @@ def read_windows(reader: SmallCNN, x: torch.Tensor, flip: bool = False) -> torch
     item's size over their map, so each position is the reader's features of one S x S window, at a stride of
     2^stages pixels, in reading order: (B, L, D). With `flip`, averaged with the mirror image's, mirrored back."""
     maps = reader.dense[1](reader.encoder(x))                                # (B, C', H/s, W/s), dropped out
-    dense = reader.dense[2]
-    k = reader.side // (x.shape[-1] // maps.shape[-1])                        # an item's side on the map
-    kernel = dense.weight.view(dense.out_features, maps.shape[1], k, k)      # (D, C'*k*k) -> (D, C', k, k)
+    dense, k = reader.dense[2], reader.side // reader.stride                  # k: an item's side on the map
+    kernel = dense.weight.view(dense.out_features, reader.encoder.out_channels, k, k)  # (D, C'kk) -> (D, C', k, k)
     feats = torch.relu(F.conv2d(maps, kernel, dense.bias))                    # (B, D, h, w)
     if flip:
         feats = (feats + read_windows(reader, x.flip(-1)).transpose(1, 2).reshape(feats.shape).flip(-1)) / 2
