@@ -34,7 +34,6 @@ from cnnrnn.files import check_writable, write_atomic
 from cnnrnn.ranks import pick_device
 from cnnrnn.tasks import make_task
 
-
 FORMAT = Format(tuple(str(c) for c in range(10)))  # ten classes of 28x28 gray items: random pixels time the same
 MODELS = {"lstm": "lstm", "lstm2": "lstm2", "cnn": "cnn", "cnn_rnn": "multilabel", "cnn_bce": "multilabel_bce"}
 
@@ -48,7 +47,7 @@ def seconds(fn, min_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_time).median
 
 
-def matmul_peak(dtype=torch.float32, n: int = 2048, device=torch.device("cpu")) -> float:
+def matmul_peak(device: torch.device, dtype=torch.float32, n: int = 2048) -> float:
     """GFLOP/s of a large square matmul: the machine's practical peak for this dtype."""
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     return 2 * n ** 3 / seconds(lambda: a @ b, 0.5) / 1e9
@@ -62,16 +61,14 @@ def fake_source(composites: bool, n: int = 4096):
     return CompositeSource(split, n, grid=2, min_items=1, max_items=4, seed=0) if composites else ItemSource(split)
 
 
-def onnx_infer_rate(cfg, model, batch: dict, min_time: float) -> float:
+def onnx_infer_rate(cfg, model, task, images: torch.Tensor, min_time: float) -> float:
     """Images/s of onnxruntime on the exported model (same weights, same batch, as many threads as torch)."""
     from cnnrnn import export
     from cnnrnn.inference import OnnxModel
 
-    task = make_task(cfg, FORMAT)
     with tempfile.TemporaryDirectory() as tmp:
         path = export.export(model, task, Path(tmp) / "model.onnx", task.side(cfg), export.metadata(cfg, task))
         onnx_model = OnnxModel(path, threads=torch.get_num_threads())
-    images = batch["image"]
     return len(images) / seconds(lambda: onnx_model.run(images), min_time)
 
 
@@ -81,8 +78,8 @@ def onnx_missing() -> str | None:
     return f"{' and '.join(missing)} not installed (pip install 'cnnrnn[export]')" if missing else None
 
 
-def bench_model(name: str, batch_size: int, min_time: float, peak: float, amp: bool | None, onnx: bool = False,
-                device=torch.device("cpu")) -> dict:
+def bench_model(name: str, batch_size: int, min_time: float, peak: float, amp: bool | None, onnx: bool,
+                device: torch.device) -> dict:
     """One model's record; amp None means the setting training uses (engine.resolve_amp of the task's)."""
     cfg = preset(MODELS[name], trainer={"batch_size": batch_size})
     amp = resolve_amp(cfg.trainer.amp, device) if amp is None else amp
@@ -119,13 +116,13 @@ def bench_model(name: str, batch_size: int, min_time: float, peak: float, amp: b
               "infer_images_per_s": round(batch_size / infer, 1),
               "data_share": round(data_sec / (data_sec + sec), 4), "amp": amp}
     if onnx:
-        record["onnx_infer_img_per_s"] = round(onnx_infer_rate(cfg, model, batch, min_time / 2), 1)
+        record["onnx_infer_img_per_s"] = round(onnx_infer_rate(cfg, model, task, batch["image"], min_time / 2), 1)
     return record
 
 
 def bench_composites(batch_size: int = 512) -> float:
     """Composite images generated per second (layout sampling and rendering, as in a training epoch)."""
-    src = CompositeSource(fake_source(False, 55000).split, 55000, grid=2, min_items=1, max_items=4, seed=0)
+    src = fake_source(True, 55000)
     layout = src.order(0)
     starts = iter(range(0, 10 ** 9, batch_size))
     sec = seconds(lambda: src.batch(layout[next(starts) % 50000:][:batch_size]), 1.0)
@@ -158,8 +155,8 @@ def check(args) -> tuple[list[str], list[int]]:
 
 
 def machine(device: torch.device) -> dict:
-    peak = matmul_peak(device=device)
-    return {"peak_gflops_fp32": round(peak, 1), "peak_gflops_bf16": round(matmul_peak(torch.bfloat16, device=device), 1),
+    return {"peak_gflops_fp32": round(matmul_peak(device), 1),
+            "peak_gflops_bf16": round(matmul_peak(device, torch.bfloat16), 1),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": platform.processor(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 

@@ -25,7 +25,8 @@ def open_lock(path: Path, what: str) -> int:
         why = {errno.ELOOP: "is a link", errno.EISDIR: "is a folder", errno.EACCES: "cannot be written by you",
                errno.EPERM: "cannot be written by you", errno.EROFS: "is on a read-only file system"}.get(
                    exc.errno, exc.strerror)
-        raise UserError(f"{what}: the lock file {path} {why}; remove it, or choose another folder for {what}.") from None
+        raise UserError(f"{what}: the lock file {path} {why}; remove it, or choose another folder for "
+                        f"{what}.") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise UserError(f"{what}: the lock file {path} is not a regular file; remove it, or choose another folder.")

@@ -22,6 +22,7 @@ from pathlib import Path
 from cnnrnn.errors import UserError, fail, refusals
 from cnnrnn.files import read_yaml, write_atomic
 from cnnrnn.report import duration, markdown
+from cnnrnn.rundir import RUN_MARKS, holds_run
 
 log = logging.getLogger("cnnrnn")
 
@@ -55,15 +56,6 @@ class Run:
 
 # --- finding runs -------------------------------------------------------------------------------------------
 
-def _looks_like_run(folder: Path) -> bool:
-    return (folder / "metrics.json").is_file() or (folder / ".hydra").is_dir() or (folder / "checkpoints").is_dir()
-
-
-def _is_stage(folder: Path) -> bool:
-    """A reader trained inside a run (reader.cache=null: RUN/reader): a stage of that run, not a run to compare."""
-    return folder.name == "reader" and _looks_like_run(folder.parent)
-
-
 def _unfinished(folder: Path, more: int = 0) -> str:
     others = f" (and {more} more run{'s' if more > 1 else ''} like it)" if more else ""
     return (f"{folder} has no metrics.json{others}: the run is unfinished or failed; finish it with python -m "
@@ -78,14 +70,16 @@ def runs_in(path: Path) -> tuple[list[Path], list[Path]]:
         if path.name == "metrics.json":
             return [path.parent], []
         raise UserError(f"{path} is a file, not a run; give a run dir (runs/TASK/TIME), a sweep folder or a glob.")
-    if _looks_like_run(path):
+    if holds_run(path):
         return ([path], []) if (path / "metrics.json").is_file() else ([], [path])
-    below = sorted(d for d in {p.parent for pattern in ("metrics.json", ".hydra", "checkpoints")
-                               for p in path.rglob(pattern)} if not _is_stage(d))
+    # a reader trained inside a run (reader.cache=null: RUN/reader) is a stage of that run, not a run to compare
+    below = sorted(d for d in {p.parent for pattern in RUN_MARKS for p in path.rglob(pattern)}
+                   if not (d.name == "reader" and holds_run(d.parent)))
     if not below:
         raise UserError(f"{path} holds no run (no metrics.json in it or below it); give a run dir "
                         f"(runs/TASK/TIME) or a sweep folder.")
-    return [d for d in below if (d / "metrics.json").is_file()], [d for d in below if not (d / "metrics.json").is_file()]
+    done = [d for d in below if (d / "metrics.json").is_file()]
+    return done, sorted(set(below) - set(done))
 
 
 def find_runs(inputs: list[str]) -> list[Path]:
@@ -113,33 +107,11 @@ def find_runs(inputs: list[str]) -> list[Path]:
 
 # --- reading a run ------------------------------------------------------------------------------------------
 
-def read_config(run: Path) -> dict:
-    """The run's config: .hydra/config.yaml, else the one its checkpoints/last.pt carries, else {}."""
-    hydra = run / ".hydra" / "config.yaml"
-    if hydra.is_file():
-        return read_yaml(hydra)
-    last = run / "checkpoints" / "last.pt"
-    if last.is_file():
-        from cnnrnn import checkpoint
-
-        return checkpoint.entry(checkpoint.load(last), "config", dict, last)
-    log.warning("%s has neither .hydra/config.yaml nor checkpoints/last.pt: its task is unknown", run)
-    return {}
-
-
-def val_curve(run: Path, tag: str) -> list[tuple[int, float | None, float]]:
-    """(epoch, seconds since the run started, value) of a validation metric, from the history in last.pt."""
+def read_run(path: Path) -> Run | None:
+    """The run (metrics, config, validation curve), or None (with a warning) when its metrics.json is not a JSON
+    object."""
     from cnnrnn import checkpoint
 
-    last = run / "checkpoints" / "last.pt"
-    if not last.is_file():
-        return []
-    history = checkpoint.entry(checkpoint.entry(checkpoint.load(last), "state", dict, last), "history", list, last)
-    return [(h["epoch"], h.get("wall_s"), h[tag]) for h in history if isinstance(h, dict) and tag in h]
-
-
-def read_run(path: Path) -> Run | None:
-    """The run, or None (with a warning) when its metrics.json is not a JSON object."""
     try:
         metrics = json.loads((path / "metrics.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
@@ -154,8 +126,18 @@ def read_run(path: Path) -> Run | None:
             and not isinstance(v, bool) and math.isfinite(v)}
     if len(kept) < len(metrics):
         log.warning("%s: %d entries that are not numbers left out", path / "metrics.json", len(metrics) - len(kept))
-    run = Run(path, kept, read_config(path))
-    run.curve = val_curve(path, f"val/{run.select}")
+    hydra, file = path / ".hydra" / "config.yaml", path / "checkpoints" / "last.pt"
+    config = read_yaml(hydra) if hydra.is_file() else None  # else the config last.pt carries
+    last = checkpoint.load(file) if file.is_file() else {}
+    if config is None and not last:
+        log.warning("%s has neither .hydra/config.yaml nor checkpoints/last.pt: its task is unknown", path)
+    elif config is None:
+        config = checkpoint.entry(last, "config", dict, file)
+    run = Run(path, kept, config or {})
+    # the validation curve: (epoch, seconds since the run started, value) from the history in last.pt
+    history = checkpoint.entry(checkpoint.entry(last, "state", dict, file), "history", list, file) if last else []
+    tag = f"val/{run.select}"
+    run.curve = [(h["epoch"], h.get("wall_s"), h[tag]) for h in history if isinstance(h, dict) and tag in h]
     if not run.curve:
         log.warning("%s: no val/%s curve in its checkpoints/last.pt", path, run.select)
     return run
@@ -211,16 +193,15 @@ def table(runs: list[Run]) -> str:
 def out_dir(inputs: list[str], out: str | None) -> Path:
     """--out, else the single folder of runs given, else runs/compare/TIME (a new folder); never a run dir, whose
     own curves.png would be overwritten, nor a folder of files that compare did not write."""
-    single = Path(inputs[0]) if len(inputs) == 1 else None
     if out is not None:
         folder = Path(out)
-    elif single is not None and single.is_dir() and not _looks_like_run(single):
-        folder = single
+    elif len(inputs) == 1 and Path(inputs[0]).is_dir() and not holds_run(Path(inputs[0])):
+        folder = Path(inputs[0])
     else:
         folder = Path("runs") / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {folder} is a file; give a folder for table.md and curves.png.")
-    if _looks_like_run(folder) or any(folder.glob(".*.lock")):
+    if holds_run(folder) or any(folder.glob(".*.lock")):
         raise UserError(f"--out {folder} is a run dir or a cache of readers, whose own files this could overwrite; "
                         f"choose another folder with --out.")
     ours = set((folder / MARK).read_text(errors="replace").split()) if (folder / MARK).is_file() else set()
@@ -252,8 +233,7 @@ def compare(inputs: list[str], out: str | None = None, x: str = "epoch") -> dict
     series = {}
     for r in runs:
         points = [(e if x == "epoch" else s / 60, v) for e, s, v in r.curve if x == "epoch" or s is not None]
-        series.setdefault("val acc" if r.single else "val f1_samples", []).append(
-            (r.name, [p[0] for p in points], [p[1] for p in points]))
+        series.setdefault(f"val {r.select}", []).append((r.name, [p[0] for p in points], [p[1] for p in points]))
     text = table(runs)
     write_atomic(folder / MARK, "\n".join(OUTPUTS) + "\n")  # first: what follows is compare's to replace
     write_atomic(folder / "table.md", text)
@@ -270,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--x", choices=("epoch", "time"), default="epoch", help="the curves' x axis")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    log.setLevel(logging.INFO)  # ours only: TensorBoard's reader is chatty at INFO
+    log.setLevel(logging.INFO)  # ours only: the libraries' INFO messages are not for the user
     try:
         with refusals():
             written = compare(args.runs, args.out, args.x)

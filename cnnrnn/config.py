@@ -1,7 +1,6 @@
-"""The run configuration: typed dataclasses whose defaults are the main job's recipe, the task presets as the
-keys that differ from them, and validation. The one place defaults live; no Hydra here (the shell composes
-command lines into the dict that `from_dict` checks), so a notebook builds a run with `preset("cnn", ...)`.
-"""
+"""The run configuration, the one place defaults live: typed dataclasses whose defaults are the main job's recipe,
+the task presets as the keys that differ from them, and validation. No Hydra here: the shell composes command
+lines into the dict that `from_dict` checks, and a notebook builds a run with `preset("cnn", ...)`."""
 from __future__ import annotations
 
 import copy
@@ -28,10 +27,10 @@ class Trainer:
     epochs: int = 15
     batch_size: int = 128
     device: str = "auto"                   # auto | cpu | cuda (auto: CUDA when present)
-    threads: typing.Optional[int] = None   # torch intra-op threads; null = every core, or this process's share of them
-    amp: typing.Optional[bool] = None      # bf16 autocast; null = where the hardware computes bf16 natively (a CUDA
+    threads: int | None = None             # torch intra-op threads; null = every core, or this process's share of them
+    amp: bool | None = None                # bf16 autocast; null = where the hardware computes bf16 natively (a CUDA
                                            # GPU, a CPU with AVX512-BF16 or AMX), fp32 elsewhere (docs/speed.md)
-    ema: typing.Optional[float] = 0.999    # evaluate and save an exponential moving average of the weights; null = off
+    ema: float | None = 0.999              # evaluate and save an exponential moving average of the weights; null = off
     ckpt_every: int = 0                    # also write last.pt every N steps (0: at epoch ends only)
     log_every: int = 10                    # the step losses reach the host every N steps (TensorBoard, bar, stop
                                            # signals, NaN check); in between, steps queue without waiting
@@ -45,48 +44,46 @@ class Optim:
     weight_decay: float = 0.05             # on weights only, not on biases and norm scales
     momentum: float = 0.9                  # sgd only
     warmup_epochs: float = 0.0             # linear warm-up, then cosine decay to 0, per step
-    grad_clip: typing.Optional[float] = None
+    grad_clip: float | None = None
     label_smoothing: float = 0.1           # of the cross-entropy (softmax tasks) or of the BCE targets
-    reader_lr: float = 0.0                 # composite models started from a trained reader (model.init_from): its
-                                           # rate as a share of optim.lr; 0 freezes it and computes its features of
-                                           # every item once (fine-tuning at 0.1 scored lower: docs/recipes.md)
+    reader_lr: float = 0.0                 # the reader's rate as a share of optim.lr; 0 freezes it and computes every
+                                           # item's features once (fine-tuning at 0.1 scored lower: docs/recipes.md)
 
 
 @dataclass
 class Data:
     source: str = "fashion_mnist"          # fashion_mnist | folder (class folders) | csv (files and labels)
-    path: typing.Optional[str] = None      # the folder or the CSV file of a user's pictures (docs/your-data.md)
+    path: str | None = None                # the folder or the CSV file of a user's pictures (docs/your-data.md)
     root: str = "data/"                    # where Fashion-MNIST's files are, or go
-    kind: str = "auto"                     # a CSV's rows: auto (pictures if a row has several labels) | items | pictures
+    kind: str = "auto"                     # a CSV's rows: auto (pictures if a row has 2+ labels) | items | pictures
     label_sep: str = " "                   # between the labels of a CSV row
     size: int = 28                         # a user's items: pictures made size x size (aspect kept, background padded);
                                            # for multi-label pictures, the side of the windows the reader slides
-    picture_size: int = 64                 # multi-label pictures (a CSV's, or data.layout=scatter's canvas) made this
-                                           # size x size
+    picture_size: int = 64                 # the side of multi-label pictures: a CSV's, made this size, or the canvas of
+                                           # data.layout=scatter
     layout: str = "grid"                   # composites: items in the cells of a grid, or scattered (free positions)
     clutter: int = 0                       # scattered composites: fragments of other items per item, as clutter
     channels: int = 1                      # 1 (gray) or 3 (RGB)
-    skip_bad: bool = False                 # leave out files Pillow cannot read (counted in one warning) instead of stopping
-    cache: typing.Optional[str] = "runs/cache"  # where a user's pictures are kept once decoded, reused by every run
-                                           # on the same files, conversion and split; null = decode every time
-    limit: typing.Optional[int] = None     # use only the first N training items
+    skip_bad: bool = False                 # skip files Pillow cannot read (counted in one warning) instead of stopping
+    cache: str | None = "runs/cache"       # where a user's pictures are kept once decoded, reused by every run on the
+                                           # same files, conversion and split; null = decode every time
+    limit: int | None = None               # use only the first N training items
     val_size: typing.Any = None            # held out of the training items, stratified: a count or a share; null =
                                            # 5,000 for Fashion-MNIST, else 10% (at least one per class, at most 5,000)
     seed: int = 0                          # fixes the validation split and the val/test composites for every run
     train_eval_size: int = 5000            # fixed training items scored each epoch, for train curves comparable to val
     augment: bool = True                   # train-time changes of every item (val/test never): the keys below
-    hflip: typing.Optional[float] = None   # probability of a horizontal flip; null = 0.5 where a mirrored item keeps
+    hflip: float | None = None             # probability of a horizontal flip; null = 0.5 where a mirrored item keeps
                                            # its class (Fashion-MNIST), else 0 (a mirrored digit is another class)
     shift: int = 0                         # pixels of random shift (crop with padding), inside the item's cell
     grid: typing.Any = 2                   # composites: grid x grid cells of 28x28; a list, e.g. [2,3], mixes sizes
-    eval_grid: typing.Optional[int] = None  # validation/test grid; null = data.grid (the largest of a list)
+    eval_grid: int | None = None           # validation/test grid; null = data.grid (the largest of a list)
     repeats: float = 0.0                   # probability that an item takes the class of an earlier item (counting)
     min_items: int = 1
     max_items: int = 4
     test_size: int = 10000                 # composites drawn for test
-    val_composites: typing.Optional[int] = None  # composites drawn for validation; null = the validation items (a
-                                           # user's data: at least 2,000)
-    epoch_size: typing.Optional[int] = None  # training samples per epoch; null = the training items (a user's data:
+    val_composites: int | None = None      # drawn for validation; null = the validation items (a user's data: >= 2,000)
+    epoch_size: int | None = None          # training samples per epoch; null = the training items (a user's data:
                                            # at least 20,000)
     scene: str = "uniform"                 # which items go together: uniform, or a scene file (configs/scene/NAME.yaml)
     degrade: float = 0.0                   # blur, noise and occlusion of every item, train and test; 0 = off
@@ -107,14 +104,14 @@ class Reader:
     """The composite models' first stage: the per-item reader, trained on single items (task=reader), cached."""
     train: bool = True                     # without model.init_from: train the reader first and start from it; false:
                                            # the whole model from scratch, and no tile oracle
-    epochs: typing.Optional[int] = None    # its epochs; null = task=reader's
-    cache: typing.Optional[str] = "runs/readers"  # where readers are kept, reused by every run with the same recipe
-                                           # and items; null = RUN_DIR/reader
+    epochs: int | None = None              # its epochs; null = task=reader's
+    cache: str | None = "runs/readers"     # where readers are kept, reused by every run with the same recipe and
+                                           # items; null = RUN_DIR/reader
 
 
 @dataclass
 class Eval:
-    tta: typing.Optional[bool] = None      # test-time flips: each image's predictions averaged with its mirror
+    tta: bool | None = None                # test-time flips: each image's predictions averaged with its mirror
                                            # image's; null = where a mirrored item keeps its class (Fashion-MNIST)
 
 
@@ -122,7 +119,7 @@ class Eval:
 class Config:
     task: str = "multilabel"
     seed: int = 0
-    resume: typing.Optional[str] = None    # a run dir to continue from its checkpoints/last.pt
+    resume: str | None = None              # a run dir to continue from its checkpoints/last.pt
     trainer: Trainer = field(default_factory=Trainer)
     optim: Optim = field(default_factory=Optim)
     data: Data = field(default_factory=Data)
@@ -134,7 +131,9 @@ class Config:
         """Plain data; a single-label task's dict leaves out the keys only composite tasks have."""
         values = dataclasses.asdict(self)
         if MODELS[MODEL_OF[self.task]].kind == "single":
-            _drop(values, COMPOSITE_ONLY)
+            for key in COMPOSITE_ONLY:
+                group, _, leaf = key.rpartition(".")
+                (values[group] if group else values).pop(leaf)
         return values
 
 
@@ -166,12 +165,6 @@ PRESETS: dict[str, dict] = {
 COMPOSITE_ONLY = ("reader", "optim.reader_lr", "data.grid", "data.eval_grid", "data.repeats", "data.min_items",
                   "data.max_items", "data.test_size", "data.val_composites", "data.scene", "data.picture_size",
                   "data.layout", "data.clutter")
-
-
-def _drop(values: dict, keys) -> None:
-    for key in keys:
-        group, _, leaf = key.rpartition(".")
-        (values[group] if group else values).pop(leaf, None)
 
 
 def preset_dict(task: str) -> dict:
@@ -218,16 +211,14 @@ def check_key(key: str, task: str) -> None:
                         f"single items, so drop it.")
     parent, _, leaf = key.rpartition(".")
     siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
-    close = ([f"{parent + '.' if parent else ''}{c}" for c in difflib.get_close_matches(leaf, siblings, n=1)]
-             if siblings else difflib.get_close_matches(key, sorted(known), n=1))
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    hint = _suggest(leaf, siblings, parent + "." if parent else "") if siblings else _suggest(key, sorted(known))
     raise UserError(f"Unknown config key '{key}'{hint}; `python -m cnnrnn.train task={task} --cfg job` lists every "
                     f"key.")
 
 
-def _suggest(key: str, known) -> str:
+def _suggest(key: str, known, prefix: str = "") -> str:
     close = difflib.get_close_matches(key, list(known), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
 def _coerce(value, annotation, where: str):
@@ -251,13 +242,12 @@ def _coerce(value, annotation, where: str):
 
 
 def _build(cls, values: dict, prefix: str, task: str = ""):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls)  # the fields' types
     kwargs = {}
     for key, value in values.items():
         where = f"{prefix}{key}"
-        if key not in fields:
-            raise UserError(f"Unknown config key '{where}'{_suggest(key, fields)}; "
+        if key not in hints:
+            raise UserError(f"Unknown config key '{where}'{_suggest(key, hints)}; "
                             f"`python -m cnnrnn.train --cfg job` lists every key.")
         hint = hints[key]
         if dataclasses.is_dataclass(hint) or hint is dict:
@@ -359,9 +349,8 @@ def validate_composites(cfg: Config) -> None:
 
 
 def validate_grids(d: Data) -> None:
-    grids = d.grid if isinstance(d.grid, (list, tuple)) else [d.grid]
-    _require(len(grids) >= 1 and all(isinstance(g, int) and not isinstance(g, bool) and 1 <= g <= MAX_GRID
-                                     for g in grids),
+    grids = d.grids
+    _require(bool(grids) and all(isinstance(g, int) and not isinstance(g, bool) and 1 <= g <= MAX_GRID for g in grids),
              f"data.grid={d.grid!r} must be a grid size from 1 to {MAX_GRID}, or a list of them (e.g. [2,3]).")
     _require(d.eval_grid is None or 1 <= d.eval_grid <= MAX_GRID, f"data.eval_grid={d.eval_grid} must be from 1 to "
              f"{MAX_GRID}, or null.")

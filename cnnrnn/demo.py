@@ -19,9 +19,11 @@ from PIL import Image
 
 from cnnrnn import checkpoint, inference, stages
 from cnnrnn.config import preset
+from cnnrnn.data import sources
 from cnnrnn.errors import fail, refusals
 from cnnrnn.files import write_atomic
 from cnnrnn.rundir import Claim, claim, lock_existing
+from cnnrnn.tasks import make_task
 
 log = logging.getLogger("cnnrnn")
 DEMO = ".demo"  # marks a demo's folder, which the same command continues after a stop
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
                        stages.run(cfg, run, checkpoint.load(last) if last.is_file() else None))
             pictures = write_pictures(folder / "pictures", cfg, count=8)
             model = inference.load(str(run / "checkpoints" / "best.pt"))
-            labels, scores = model.infer(pictures["images"])
+            labels, _ = model.infer(pictures["images"])
     except (KeyboardInterrupt, SystemExit) as exc:
         code = getattr(exc, "code", 130)
         if code in (0, 2):
@@ -66,9 +68,6 @@ def open_folder(folder: Path) -> Claim:
 
 def write_pictures(folder: Path, cfg, count: int) -> dict:
     """The first `count` test composites of the run as PNG files, with their true label names."""
-    from cnnrnn.data import sources
-    from cnnrnn.tasks import make_task
-
     splits, fmt = sources.load(cfg.data)
     test = make_task(cfg, fmt).sources(cfg, splits).test
     batch = test.batch(test.order(None)[:count])

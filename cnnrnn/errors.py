@@ -9,22 +9,25 @@ class UserError(Exception):
 
 
 def fail(message: str, code: int = 2):
-    """Print `error: message` on stderr, on one line whatever the paths in it hold, and exit with `code` (2: refused
-    input)."""
+    """Print `error: message` on stderr, on one line whatever the paths in it hold, and exit with `code`."""
     line = message.replace("\r", "\\r").replace("\n", "\\n")
     print(f"error: {line}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
 
+def refusal(exc: BaseException) -> str | None:
+    """The sentence of a refused input: a UserError's, or of a path too long for the file system; else None."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+        return f"{exc.filename} is too long a path for this file system; choose a shorter name."
+    return str(exc) if isinstance(exc, UserError) else None
+
+
 @contextmanager
 def refusals():
-    """Around an entry point's work: a UserError, or a path too long for the file system, ends the command in one
-    sentence with exit status 2."""
+    """Around an entry point's work: a refused input ends the command in one sentence with exit status 2."""
     try:
         yield
-    except UserError as exc:
-        fail(str(exc))
-    except OSError as exc:
-        if exc.errno != errno.ENAMETOOLONG:
+    except (UserError, OSError) as exc:
+        if refusal(exc) is None:
             raise
-        fail(f"{exc.filename} is too long a path for this file system; choose a shorter name.")
+        fail(refusal(exc))

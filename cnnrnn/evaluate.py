@@ -1,10 +1,10 @@
-"""Recompute a checkpoint's test metrics: python -m cnnrnn.evaluate CKPT [--grid N] [--max-items K].
+"""Recompute a checkpoint's test metrics: python -m cnnrnn.evaluate CKPT [--data PATH] [--grid N] [--max-items K].
 
 Everything comes from the checkpoint (config, tuned threshold, training class counts); the table goes to stderr
-and one JSON object, with the keys of the run's metrics.json, to stdout. On the device the run
-used (by default) every number equals the run's. With --grid, the test composites are N x N grids of the same
-test items instead (a model trained on one grid tested on another, no resizing); --max-items K makes them hold
-1..K items and the decoder name at most K.
+and one JSON object, with the keys of the run's metrics.json, to stdout. On the device the run used (by default)
+every number equals the run's. --data scores the test items of another labelled folder or CSV instead; --grid N
+makes the test composites N x N grids of the same test items (no resizing), --max-items K makes them hold 1..K
+items and the decoder name at most K.
 """
 from __future__ import annotations
 
@@ -31,13 +31,11 @@ log = logging.getLogger("cnnrnn")
 
 def run_device(name: str | None, cfg) -> torch.device:
     """--device, else the run's own trainer.device (the numbers are exact only on the kind of device it used)."""
-    if name is not None:
-        return pick_device(name, "--device ")
-    if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
+    if name is None and cfg.trainer.device == "cuda" and not torch.cuda.is_available():
         log.warning("warning: the run used cuda, which is not available here; evaluating on cpu, so the last "
                     "digits can differ from its metrics.json")
         return torch.device("cpu")
-    return pick_device(cfg.trainer.device, "--device ")
+    return pick_device(name or cfg.trainer.device, "--device ")
 
 
 def on_grid(cfg, task, grid: int | None, max_items: int | None):

@@ -1,11 +1,11 @@
 """Export a checkpoint to ONNX: python -m cnnrnn.export CKPT OUT.onnx [--opset N].
 
 The graph reads what predict reads: a uint8 batch (B, C, H, W) of pictures converted as the training items were
-(data.pictures), the item size square for a single-label model and grid x the item size for a multi-label one; it
-normalises the pixels itself (Format.to_input), so an ONNX user feeds raw pixels. Outputs: `logits` and `scores` (softmax) for lstm and
-cnn, `scores` (sigmoids) for the BCE head, `tokens` (B, max_labels + 1; END-padded, greedy) and `scores` for
-the decoder. The batch size is free. metadata_props carry the class names, the input convention, the
-checkpoint's config, the data's format and the BCE threshold, so the .onnx file needs nothing beside it.
+(data.pictures), the item size square for a single-label model and grid x the item size for a multi-label one,
+and normalises the pixels itself (Format.to_input): an ONNX user feeds raw pixels. Outputs: `logits` and `scores`
+(softmax) for lstm and cnn, `scores` (sigmoids) for the BCE head, `tokens` (B, max_labels + 1; END-padded,
+greedy) and `scores` for the decoder. The batch size is free. metadata_props carry the class names, the input
+convention, the checkpoint's config, the data's format and the BCE threshold: the file needs nothing beside it.
 """
 from __future__ import annotations
 
@@ -97,9 +97,7 @@ def export(model: nn.Module, task, path: str | Path, image_side: int, meta: dict
         torch.onnx.export(Exported(model, task).eval(), (example,), buffer, dynamo=False, input_names=["images"],
                           output_names=outputs, dynamic_axes=axes, opset_version=opset)
     proto = onnx.load_model_from_string(buffer.getvalue())
-    for key, value in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+    onnx.helper.set_model_props(proto, meta)
     proto.doc_string = f"cnnrnn {meta.get('task', '')} model; see metadata_props for the input and outputs"
     return write_atomic(path, proto.SerializeToString(), then="free some space or choose another path")
 

@@ -1,14 +1,13 @@
-"""Every file the project writes goes through `write_atomic`: a temporary file beside it, flushed and fsynced,
-then renamed over the old one. A kill or a full disk at any instant leaves the previous file or the new one,
-never a torn one, and a failure is one sentence that says the previous file is intact. What it reads back (a
-run's .hydra/config.yaml) is checked as it is read."""
+"""Every file the project writes goes through `write_atomic`: a temporary file, fsynced, renamed over the old one,
+so a kill or a full disk leaves the previous file or the new one, never a torn one, and a failure says which.
+What it reads back (a run's .hydra/config.yaml) is checked as it is read."""
 from __future__ import annotations
 
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from cnnrnn.errors import UserError
 
@@ -38,13 +37,11 @@ def write_atomic(path: str | Path, data: bytes | str | Callable[[Path], None], w
         try:
             if callable(data):
                 data(tmp)
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
             else:
                 with open(tmp, "wb") as f:
                     f.write(data.encode() if isinstance(data, str) else data)
-                    f.flush()
-                    os.fsync(f.fileno())
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -56,8 +53,8 @@ def write_atomic(path: str | Path, data: bytes | str | Callable[[Path], None], w
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
         before = f"the previous {path.name} is intact" if path.is_file() else f"no {path.name} was written"
-        raise UserError(f"Cannot write {what + ' ' if what else ''}{path} ({reason}); {before}; "
-                        f"{then or 'free some space or choose a folder you can write to, then run it again'}.") from None
+        then = then or "free some space or choose a folder you can write to, then run it again"
+        raise UserError(f"Cannot write {what + ' ' if what else ''}{path} ({reason}); {before}; {then}.") from None
     return path
 
 

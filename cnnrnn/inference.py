@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -94,7 +94,6 @@ class OnnxModel:
     """A file written by cnnrnn.export: its metadata, checked field by field, and predict()."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
-        self.path = Path(path)
         self.session = onnx_session(path, threads)
         meta = self.session.get_modelmeta().custom_metadata_map
         if not meta.get("format", "").startswith("cnnrnn-onnx/"):
@@ -106,7 +105,7 @@ class OnnxModel:
             self.config, state = json.loads(meta["config"]), json.loads(meta["task_state"])
             fmt, self.side = Format.from_dict(json.loads(meta["data"])), int(json.loads(meta["input"])["side"])
             if not isinstance(state, dict):
-                raise ValueError("task_state")
+                raise TypeError("task_state")
             cfg = from_dict(self.config)
         except (KeyError, ValueError, TypeError, UserError) as exc:
             raise UserError(f"{path} carries cnnrnn metadata that this version cannot use ({exc}); export its "

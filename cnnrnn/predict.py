@@ -1,16 +1,13 @@
 """Name the items in pictures: python -m cnnrnn.predict CKPT_OR_ONNX PICTURE_OR_FOLDER ...
 
 One JSON line per picture on stdout: {"image": path, "labels": [names], "scores": {name: probability}}, with the
-class names of the data the model was trained on; a multiset model (model.target=multiset) names a class once
-per item and adds "counts": {name: n}; `--top-k K` adds the K best scores as "top": [[name, score], ...], and
-`--threshold T` sets the BCE head's threshold. Folders are walked, their subfolders too. Every picture is
-converted exactly as the model's training items were (data.pictures: gray or RGB, resized keeping the aspect,
-padded with the data's background tone): to the item size for a single-label model, and for a multi-label one
-kept as it is where its sides are multiples of the cell size (one item per cell, any grid up to 16x16; the
-decoder names at most one label per cell, or --max-items), else made the size of its training pictures. The
-model is a checkpoint, or an .onnx file written by cnnrnn.export (run by onnxruntime on CPU; the same lines). A
-bad picture is reported on stderr in one line and skipped, the others are still predicted, and the exit status is
-then 2.
+class names of the data the model was trained on; a multiset model names a class once per item and adds "counts":
+{name: n}, and `--top-k K` adds "top": [[name, score], ...]. Folders are walked, subfolders too. Every picture is
+converted as the training items were (data.pictures): to the item size for a single-label model; for a multi-label
+one kept as it is where its sides are multiples of the cell size (one item per cell, any grid up to 16x16), else
+made the size of its training pictures. The model is a checkpoint, or an .onnx file written by cnnrnn.export (run
+by onnxruntime on CPU; the same lines). A bad picture is reported on stderr in one line and skipped, the others
+are still predicted, and the exit status is then 2.
 """
 from __future__ import annotations
 
@@ -53,9 +50,8 @@ def image_paths(inputs: list[str]) -> tuple[list[Path], list[str]]:
                 problems.append(f"{p} cannot be listed ({exc.strerror or type(exc).__name__}); give a folder you can "
                                 f"read.")
                 continue
-            for f in named:
-                if f not in found:  # a dangling or looping link, a pipe, a folder: never opened, said once
-                    say("warning", f"{f} is skipped: not a regular file (a broken link, a pipe or a folder).")
+            for f in sorted(set(named) - set(found)):  # a dangling or looping link, a pipe, a folder: never opened
+                say("warning", f"{f} is skipped: not a regular file (a broken link, a pipe or a folder).")
             if not found:
                 problems.append(f"{p} holds no picture files ({', '.join(sorted(pictures.EXTENSIONS))}); give a "
                                 f"folder of pictures.")
@@ -93,14 +89,6 @@ def record(path: Path, labels: list[int], scores: torch.Tensor, m: inference.Pre
     if top_k:
         line["top"] = sorted(([c, round(v, 6)] for c, v in zip(m.classes, values)), key=lambda t: -t[1])[:top_k]
     return json.dumps(line, allow_nan=False)
-
-
-def quiet_broken_pipe() -> None:
-    """The reader of stdout has gone (predict ... | head): stop without a traceback. Python's documented recipe:
-    point stdout at devnull, so that the flush at exit does not raise again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    raise SystemExit(1)
 
 
 def run(args) -> int:
@@ -154,8 +142,9 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError("--top-k must be 0 or more, and --threshold in (0, 1).")
     try:
         problems = run(args)
-    except BrokenPipeError:
-        quiet_broken_pipe()
+    except BrokenPipeError:  # the reader of stdout has gone (predict ... | head): stop without a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's recipe: the flush at exit is quiet
+        raise SystemExit(1) from None
     except OSError as exc:  # stdout on a full disk, say
         fail(f"Cannot write the predictions to standard output ({exc.strerror or type(exc).__name__}); the lines "
              f"before this one are complete.")

@@ -154,8 +154,7 @@ def processes_sharing_cores(n_jobs: int | None = None) -> int:
 
 
 def share_of_cores(threads: int | None, n_jobs: int | None = None) -> int | None:
-    """The intra-op threads to set for a process: None when trainer.threads is given (it wins, and
-    start_process sets it) or the process runs alone (torch's default, every core); else its share of the
-    cores, since each process taking every core slows all of them several times."""
+    """The intra-op threads to set for a process beside others: its share of the cores, as each taking every core
+    slows all of them several times; None alone (torch's default) or when trainer.threads wins (start_process)."""
     share = processes_sharing_cores(n_jobs)
     return None if threads or share == 1 else max(1, cores() // share)

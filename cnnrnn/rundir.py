@@ -7,7 +7,9 @@ import fcntl
 import os
 import shutil
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
+from itertools import takewhile
 from pathlib import Path
 
 from cnnrnn.errors import UserError
@@ -30,7 +32,11 @@ class Claim:
 
     def remove_all(self) -> None:
         """After a refusal or an interrupt that came late: remove what this run wrote, and the folders it made."""
-        remove_contents(self.path)
+        for entry in self.path.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
         self.remove_if_unused()
 
     def remove_if_unused(self) -> None:
@@ -69,18 +75,12 @@ def _lock(path: Path, patience_s: float = 1.0) -> int | None:
 def _mkdirs(path: Path) -> list[Path]:
     """Create path and its missing parents; the ones created, outermost first. mkdir of the last one is the
     atomic step: of two processes creating the same folder, one gets FileExistsError."""
-    missing = []
-    for folder in [path, *path.parents]:
-        if folder.exists() or folder.is_symlink():
-            break
-        missing.append(folder)
+    missing = takewhile(lambda folder: not folder.exists() and not folder.is_symlink(), [path, *path.parents])
     created = []
-    for folder in reversed(missing):
-        try:
+    for folder in reversed(list(missing)):
+        with suppress(FileExistsError):
             folder.mkdir()
             created.append(folder)
-        except FileExistsError:
-            pass
     return created
 
 
@@ -162,12 +162,3 @@ def lock_job(path: Path) -> Claim:
         raise UserError(f"{path} already belongs to another job of this sweep; keep ${{hydra.job.num}} in "
                         f"hydra.sweep.subdir so that every job gets its own folder.")
     return Claim(path, fd)
-
-
-def remove_contents(folder: Path) -> None:
-    """Remove everything in a folder this run claimed empty (after a refusal that came late)."""
-    for entry in folder.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)

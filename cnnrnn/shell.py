@@ -14,8 +14,7 @@ from cnnrnn.errors import UserError
 from cnnrnn.stages import LOG_DATEFMT, LOG_FORMAT
 
 log = logging.getLogger("cnnrnn")
-GROUPS = {"task": "presets in cnnrnn/config.py", "experiment": "configs/experiment", "arm": "configs/arm",
-          "hydra/launcher": "Hydra's launchers"}
+GROUPS = ("task", "experiment", "arm", "hydra/launcher")  # the config groups a command line may choose from
 HYDRA_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.launcher.", "hydra.verbose")
 
 

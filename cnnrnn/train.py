@@ -1,13 +1,11 @@
 """Train a model: python -m cnnrnn.train task=lstm|lstm2|cnn|reader|multilabel|multilabel_bce [key=value ...]
 
-The command line is composed once and checked (one sentence for a bad key, value or folder, before any folder
-exists), then the core trains: stages.run(cfg, folder). With -m, a Hydra sweep: every job is checked before
-the sweep's folder is made. resume=RUN_DIR continues a stopped run exactly as it was configured.
-"""
+The command line is composed once and checked (one sentence for a bad key, value or folder) before any folder
+exists, then stages.run(cfg, folder) trains. With -m, a Hydra sweep whose every job is checked before its folder
+is made. resume=RUN_DIR continues a stopped run exactly as it was configured."""
 from __future__ import annotations
 
 import dataclasses
-import errno
 import functools
 import logging
 import os
@@ -19,7 +17,7 @@ import yaml
 
 from cnnrnn import build, checkpoint, rundir, shell, stages, training
 from cnnrnn.config import Config, from_dict
-from cnnrnn.errors import UserError, fail, refusals
+from cnnrnn.errors import UserError, fail, refusal, refusals
 from cnnrnn.files import read_yaml, write_atomic
 from cnnrnn.ranks import Stopped, cores, process_rank, processes_sharing_cores, share_of_cores
 
@@ -68,12 +66,12 @@ def claim_folder(path: str, key: str, given: dict) -> rundir.Claim:
     """Claim a new run's (or sweep's) folder: a default (timestamped) one taken by a run started in the same
     second gets the next free name; one the user chose is refused if taken."""
     for n in range(1, 10):
+        name = path if n == 1 else f"{path}-{n}"
         try:
-            return rundir.claim(path if n == 1 else f"{path}-{n}", key)
+            return rundir.claim(name, key)
         except UserError:
-            if key in given or n == 9 or not Path(path if n == 1 else f"{path}-{n}").is_dir():
+            if key in given or n == 9 or not Path(name).is_dir():
                 raise
-    raise AssertionError("unreachable")
 
 
 def run_in(cfg: Config, folder: Path, saved: dict | None, claim: rundir.Claim | None, overrides: list[str],
@@ -93,13 +91,10 @@ def run_in(cfg: Config, folder: Path, saved: dict | None, claim: rundir.Claim | 
     code = 0
     try:
         stages.run(cfg, folder, saved, needed)
-    except UserError as exc:
-        log.error("%s", exc)
-        code = 2
-    except OSError as exc:
-        if exc.errno != errno.ENAMETOOLONG:
+    except (UserError, OSError) as exc:
+        if refusal(exc) is None:
             raise
-        log.error("%s is too long a path for this file system; choose a shorter name.", exc.filename)
+        log.error("%s", refusal(exc))
         code = 2
     except (KeyboardInterrupt, Stopped) as exc:
         signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
@@ -144,9 +139,9 @@ def continue_run(cfg: Config, command: shell.Command, lock: bool):
     last, record = folder / "checkpoints" / "last.pt", folder / ".hydra" / "config.yaml"
     saved = checkpoint.load(last) if last.is_file() else None
     if saved is not None:
-        old = checkpoint.entry(saved, "config", dict, last)
-        for key in ("model", "optimizer", "scheduler", "rng", "state"):  # every field a resumed run reads
+        for key in ("config", "model", "optimizer", "scheduler", "rng", "state"):  # every field a resumed run reads
             checkpoint.entry(saved, key, dict, last)
+        old = saved["config"]
         if set(saved["state"]) != {f.name for f in dataclasses.fields(training.TrainState)}:
             raise UserError(f"{last} holds a loop state of another version; start that run again without resume.")
     elif record.is_file():
@@ -233,8 +228,10 @@ def job(cfg: Config, folder: Path, n_jobs: int | None, sweep_dir: Path, num: int
     use_share_of_cores(cfg.trainer.threads, n_jobs)
     try:
         stages.run(cfg, folder)
-    except UserError as exc:
-        log.error("%s; the jobs after job %d of %d did not run.", str(exc).rstrip("."), num, total)
+    except (UserError, OSError) as exc:  # a path too long for the file system is refused like the rest
+        if refusal(exc) is None:
+            raise
+        log.error("%s; the jobs after job %d of %d did not run.", refusal(exc).rstrip("."), num, total)
         raise SystemExit(2) from None
     finally:
         claim.release()

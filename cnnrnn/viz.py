@@ -72,17 +72,15 @@ def show(ax, image: torch.Tensor, **kwargs) -> None:
 
 def labelled_grid(images: torch.Tensor, true: list[list[str]], pred: list[list[str]], cols: int = 6) -> Figure:
     """Pictures (N, C, H, W) with their true and predicted names; a wrong prediction is red, missed names listed."""
-    n = len(images)
-    rows = max(1, math.ceil(n / cols))
+    rows = max(1, math.ceil(len(images) / cols))
     fig, axes = _subplots(rows, cols, figsize=(cols * 2.0, rows * 2.5), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, t, p in zip(axes.flat, images, true, pred):
         show(ax, img)
-        right = set(t) == set(p)
         marks = [name if name in t else f"✗{name}" for name in p]
         ax.set_title(f"true: {', '.join(t)}\npred: {', '.join(marks) or '(none)'}", fontsize=6.5,
-                     color=OK if right else WRONG)
+                     color=OK if set(t) == set(p) else WRONG)
     fig.tight_layout()
     return fig
 

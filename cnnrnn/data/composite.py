@@ -58,6 +58,14 @@ def multi_hot(cells: torch.Tensor, num_classes: int) -> torch.Tensor:
     return (counts_of(cells, num_classes) > 0).float()
 
 
+def targets(layout: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
+    """What composites of a layout (B, M) of item indices (-1: none) hold: 'cells' (B, M) their classes (-1: none),
+    'labels' (B, C) the set, 'counts' (B, C) items per class."""
+    cells = torch.where(layout >= 0, labels[layout.clamp(min=0)], -1)
+    counts = counts_of(cells, num_classes)
+    return {"cells": cells, "labels": (counts > 0).float(), "counts": counts}
+
+
 def with_background(images: torch.Tensor, background: tuple[int, ...]) -> torch.Tensor:
     """Items (N, C, S, S) uint8 with an item of the background tone appended at index N (an empty cell), viewed
     as 4-byte words (N+1, C, S, S/4) where S allows: a row of 28 pixels moves as 7 words, 4x fewer to gather."""
@@ -89,14 +97,29 @@ def cell_crops(images: torch.Tensor, grid: int) -> torch.Tensor:
     return cells.permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, c, side, side)      # (B, G*G, C, S, S)
 
 
-class CompositeSource:
+class DrawnSource:
+    """What composites of drawn layouts share: a fixed source (validation, test) draws its layouts once from
+    `seed`, so every run and every model sees the same images; a training source draws new ones every epoch."""
+
+    def __len__(self) -> int:
+        return self.size
+
+    def ids(self) -> list[str]:
+        return [str(i) for i in range(self.size)]
+
+    def order(self, epoch: int | None) -> torch.Tensor:
+        if self.fixed_layout is not None:
+            return self.fixed_layout
+        return self._layout(epoch_seed(self.seed, 0 if epoch is None else epoch))
+
+
+class CompositeSource(DrawnSource):
     """Composites of one split: {'image': (B, C, G*S, G*S) uint8, 'cells': (B, G*G), 'labels': (B, K) the set of
     the K classes, 'counts': (B, K) items per class}; empty cells have the data's background tone.
 
-    Training sources draw new layouts every epoch; fixed sources (validation, test) draw theirs once from
-    `seed`, so every run and every model sees the same images. `scene` (a Scene) decides which items go
-    together (default: independent, uniform); `repeats` makes items repeat classes (see add_repeats); `degrade`
-    corrupts every item (see data.degrade), the same way for a fixed image whatever batch it comes in.
+    `scene` (a Scene) decides which items go together (default: independent, uniform); `repeats` makes items
+    repeat classes (see add_repeats); `degrade` corrupts every item (see data.degrade), the same way for a fixed
+    image whatever batch it comes in.
 
     Batches are made on the split's device (Split.to): layouts and every random draw come from CPU generators
     (the same composites for a seed on any device; exact resume), then only the batch's layout rows move there.
@@ -114,13 +137,10 @@ class CompositeSource:
         # Built once, so that rendering only gathers; augmented or degraded batches pad their own items instead.
         self.words = with_background(split.images, background) if augment is None and not degrade else None
 
-    def __len__(self) -> int:
-        return self.size
-
-    def _layout(self, seed: int) -> torch.Tensor:
-        return self._draw(self.size, torch.Generator().manual_seed(seed))
-
-    def _draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
+    def _layout(self, seed: int, n: int | None = None) -> torch.Tensor:
+        """(n, G*G) layouts drawn from `seed` (n: the source's size)."""
+        generator = torch.Generator().manual_seed(seed)
+        n = self.size if n is None else n
         if self.scene is not None:
             layout = self.scene.sample(n, self.labels, self.grid, self.min_items, self.max_items, generator)
         else:
@@ -129,19 +149,9 @@ class CompositeSource:
             layout = add_repeats(layout, self.labels, self.repeats, generator, self.classes)
         return layout
 
-    def ids(self) -> list[str]:
-        return [str(i) for i in range(self.size)]
-
-    def order(self, epoch: int | None) -> torch.Tensor:
-        if self.fixed_layout is not None:
-            return self.fixed_layout
-        return self._layout(epoch_seed(self.seed, 0 if epoch is None else epoch))
-
     def statistics(self, n: int, seed: int = 12345) -> dict:
         """Label statistics (data.scene.label_statistics) of n layouts drawn as this source draws them."""
-        layout = self._draw(n, torch.Generator().manual_seed(seed))
-        return label_statistics(multi_hot(torch.where(layout >= 0, self.labels[layout.clamp(min=0)], -1),
-                                          self.classes))
+        return label_statistics(targets(self._layout(seed, n), self.labels, self.classes)["labels"])
 
     def item_seeds(self, rows: torch.Tensor, key: int) -> torch.Tensor:
         """An int64 seed per occupied cell of layouts `rows`: a hash of the whole layout and the cell, so a
@@ -167,9 +177,8 @@ class CompositeSource:
             layout = torch.full_like(at, -1)
             layout[occupied] = torch.arange(len(items), device=at.device)
             images = with_background(items, self.background)
-        cells = torch.where(at >= 0, self.split.labels[at.clamp(min=0)], -1)
-        return {"image": render(images, layout, self.grid), "cells": cells, "labels": multi_hot(cells, self.classes),
-                "counts": counts_of(cells, self.classes), "boxes": grid_boxes(at, self.grid, self.split.images.shape[-1])}
+        return {"image": render(images, layout, self.grid), **targets(at, self.split.labels, self.classes),
+                "boxes": grid_boxes(at, self.grid, self.split.images.shape[-1])}
 
 
 class MixedGridSource:
@@ -242,8 +251,7 @@ class CellFeatures:
             feats[occupied] = per_item
             return feats
 
-        cells = torch.where(occupied, source.split.labels[at.clamp(min=0)], -1)
-        batch = {"cells": cells, "labels": multi_hot(cells, source.classes), "counts": counts_of(cells, source.classes),
+        batch = {**targets(at, source.split.labels, source.classes),
                  "boxes": grid_boxes(at, source.grid, source.split.images.shape[-1])}
         if self.fixed:
             return {"feats": cells_of(self.feats[item]), "feats_flip": cells_of(self.mirrored[item]), **batch}

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnrnn.data.items import Format, Split
+from cnnrnn.data.items import Format, Split, stratified
 from cnnrnn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -42,23 +42,17 @@ def _path_in(folder: Path, name: str) -> Path | None:
     return None
 
 
-def candidate_dirs(root: Path) -> list[Path]:
-    """The folders searched, in order: root flat, root in torchvision's layout, the system package."""
-    return [root, root / "FashionMNIST" / "raw", SYSTEM_DIR]
-
-
 def locate(root: Path) -> tuple[dict[str, Path] | None, list[str]]:
-    """The first folder holding all four files, as {name: path}, and a line per folder tried."""
+    """The first folder holding all four files, as {name: path}, and a line per folder tried: root flat, root in
+    torchvision's layout, the system package."""
     tried = []
-    for folder in candidate_dirs(root):
+    for folder in (root, root / "FashionMNIST" / "raw", SYSTEM_DIR):
         paths = {name: _path_in(folder, name) for name in FILES}
         found = [n for n, p in paths.items() if p is not None]
         if len(found) == len(FILES):
             return paths, tried
-        if found:
-            tried.append(f"{folder} ({len(found)} of 4 files)")
-        else:
-            tried.append(f"{folder} ({'no IDX files' if folder.exists() else 'not there'})")
+        state = f"{len(found)} of 4 files" if found else "no IDX files" if folder.exists() else "not there"
+        tried.append(f"{folder} ({state})")
     return None, tried
 
 
@@ -121,7 +115,7 @@ def parse_idx(data: bytes, path: Path, magic: int, count: int) -> torch.Tensor:
     return torch.from_numpy(array.copy())
 
 
-def read(paths: dict[str, Path], verify: bool = True) -> dict[str, Split]:
+def read(paths: dict[str, Path]) -> dict[str, Split]:
     """Read and validate the four files into {'train': Split, 'test': Split}."""
     arrays, digests = {}, {}
     for name, path in paths.items():  # structure first: its errors say more than a checksum's
@@ -130,7 +124,7 @@ def read(paths: dict[str, Path], verify: bool = True) -> dict[str, Split]:
         arrays[name] = parse_idx(data, path, magic, count)
         digests[name] = hashlib.md5(data).hexdigest()
     for name, path in paths.items():
-        if verify and digests[name] != FILES[name][2]:
+        if digests[name] != FILES[name][2]:
             raise UserError(f"{path} has the right shape but not Fashion-MNIST's content (MD5 differs; an "
                             f"MNIST file in its place?); replace it with the Fashion-MNIST file of that name.")
     return {split: Split(arrays[f"{prefix}-images-idx3-ubyte"][:, None], arrays[f"{prefix}-labels-idx1-ubyte"].long())
@@ -153,15 +147,6 @@ def load(root: str | Path, download: bool = True) -> dict[str, Split]:
     return read(paths)
 
 
-def split_train_val(labels: torch.Tensor, val_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stratified (train_index, val_index) with val_size items held out, fixed by seed."""
-    from sklearn.model_selection import train_test_split
-
-    index = np.arange(len(labels))
-    train_idx, val_idx = train_test_split(index, test_size=val_size, stratify=labels.numpy(), random_state=seed)
-    return torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(val_idx))
-
-
 def splits(root: str | Path, val_size: int | float | None, limit: int | None = None,
            split_seed: int = 0) -> dict[str, Split]:
     """{'train', 'val', 'test'}: val carved from the 60k training images (a count, a share, or null: 5,000), train
@@ -172,7 +157,7 @@ def splits(root: str | Path, val_size: int | float | None, limit: int | None = N
     if not len(CLASSES) <= count <= n_train - len(CLASSES):
         raise UserError(f"data.val_size={val_size} must hold between {len(CLASSES)} and {n_train - len(CLASSES)} "
                         f"items (Fashion-MNIST has {n_train} training images); set a smaller data.val_size.")
-    train_idx, val_idx = split_train_val(data["train"].labels, count, split_seed)
+    train_idx, val_idx = stratified(data["train"].labels.tolist(), count, split_seed, "validation")
     if limit is not None:
         train_idx = train_idx[:limit]
     return {"train": data["train"].subset(train_idx), "val": data["train"].subset(val_idx), "test": data["test"]}

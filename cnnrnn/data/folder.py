@@ -3,17 +3,26 @@ train/, val/, test/) or a CSV of files and labels. Listed and checked (one sente
 worker processes, converted to the run's format (data.pictures), split, and described by a Format."""
 from __future__ import annotations
 
+import concurrent.futures as cf
 import csv
+import functools
+import hashlib
+import io
 import logging
+import multiprocessing
 import os
-from collections import Counter
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from cnnrnn.cache import Cache
 from cnnrnn.data import pictures
+from cnnrnn.data.items import Format, Split, stratified
 from cnnrnn.errors import UserError
+from cnnrnn.files import write_atomic
 
 log = logging.getLogger("cnnrnn")
 SPLITS = ("train", "val", "test")
@@ -37,17 +46,13 @@ class Listing:
         self.splits.append(split)
 
 
-def is_picture(path: Path) -> bool:
-    return path.suffix.lower() in pictures.EXTENSIONS and not path.name.startswith(".")
-
-
 def list_folder(root: Path) -> Listing:
     """One subfolder per class, under train/, val/, test/ where they exist; other entries ignored with a warning."""
     if not root.is_dir():
         raise UserError(f"data.path={root} is not a folder; give a folder of class folders or a CSV file.")
     entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
     splits = {p.name: p for p in entries if p.is_dir() and p.name in SPLITS}
-    tops = [(name, folder) for name, folder in splits.items()] if splits else [(None, root)]
+    tops = list(splits.items()) if splits else [(None, root)]
     ignored = [p.name for p in entries if p.name not in splits] if splits else [p.name for p in entries if p.is_file()]
     listing = Listing()
     for split, top in tops:
@@ -55,7 +60,8 @@ def list_folder(root: Path) -> Listing:
             if not folder.is_dir():
                 ignored.append(str(folder.relative_to(root)))
                 continue
-            files = sorted(p for p in folder.rglob("*") if p.is_file() and is_picture(p))
+            files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in pictures.EXTENSIONS
+                           and not p.name.startswith("."))
             if not files:
                 raise UserError(f"{folder} is a class folder with no pictures ({', '.join(sorted(pictures.EXTENSIONS))}"
                                 f"); add pictures of {folder.name} or remove the folder.")
@@ -78,7 +84,8 @@ def list_csv(path: Path, sep: str, kind: str) -> Listing:
     except UnicodeDecodeError:
         raise UserError(f"data.path={path} is not UTF-8 text; save the CSV as UTF-8.") from None
     except (OSError, csv.Error) as exc:
-        raise UserError(f"data.path={path} cannot be read as a CSV ({exc}); give a CSV file with a header row.") from None
+        raise UserError(f"data.path={path} cannot be read as a CSV ({exc}); give a CSV file with a header "
+                        f"row.") from None
     columns = set(rows[0]) if rows else set()
     name = next((c for c in FILE_COLUMNS if c in columns), None)
     if name is None or "labels" not in columns:
@@ -116,8 +123,6 @@ def listing_of(d) -> Listing:
 def fingerprint(d, listing: Listing | None = None) -> str:
     """A digest of the files (names, sizes, times of change), their labels and splits, and the CSV: what a cache of
     their pictures, or a reader trained on them, is valid for."""
-    import hashlib
-
     listing = listing or listing_of(d)
     h = hashlib.sha256(str(Path(d.path).resolve()).encode())
     for file, path, labels, split in zip(listing.files, listing.paths, listing.labels, listing.splits):
@@ -129,10 +134,6 @@ def fingerprint(d, listing: Listing | None = None) -> str:
 def decode(paths: list[Path], size: int, channels: int, skip_bad: bool) -> tuple[list, list[int]]:
     """Every file decoded and fitted (longer side `size`), in worker processes, with a progress bar and its rate;
     the pictures and the indices of those that were skipped as unreadable (data.skip_bad)."""
-    import concurrent.futures as cf
-    import multiprocessing
-    import time
-
     from tqdm import tqdm
 
     from cnnrnn.ranks import cores
@@ -143,9 +144,9 @@ def decode(paths: list[Path], size: int, channels: int, skip_bad: bool) -> tuple
     with cf.ProcessPoolExecutor(max(1, min(cores(), len(chunks))), multiprocessing.get_context("fork"),
                                 initializer=_quiet) as pool, tqdm(total=len(paths), desc="decoding pictures",
                                                                   unit="file", leave=False, disable=None) as bar:
-        for chunk, result in zip(chunks, pool.map(_decode_chunk, chunks, [size] * len(chunks),
-                                                  [channels] * len(chunks))):
-            for path, item in zip(chunk, result):
+        work = functools.partial(_decode_chunk, size=size, channels=channels)
+        for chunk, result in zip(chunks, pool.map(work, chunks)):
+            for item in result:
                 if isinstance(item, str):
                     if not skip_bad:
                         raise UserError(f"{item.rstrip('.')}; fix or remove it, or set data.skip_bad=true to "
@@ -173,22 +174,6 @@ def _decode_chunk(paths: list[Path], size: int, channels: int) -> list:
         except UserError as exc:
             out.append(str(exc))
     return out
-
-
-def stratified(labels: list, count: int, seed: int, what: str) -> tuple[list[int], list[int]]:
-    """(kept, drawn): `count` of the indices drawn, stratified by class where every class allows it."""
-    from sklearn.model_selection import train_test_split
-
-    index = np.arange(len(labels))
-    by_class = Counter(labels)
-    try:
-        kept, drawn = train_test_split(index, test_size=count, random_state=seed,
-                                       stratify=labels if min(by_class.values()) >= 2 and count >= len(by_class)
-                                       else None)
-    except ValueError as exc:
-        raise UserError(f"Cannot hold out {count} {what} items of {len(labels)} ({exc}); set data.val_size to a "
-                        f"count or share the data allows.") from None
-    return sorted(kept.tolist()), sorted(drawn.tolist())
 
 
 def held_out(n: int, classes: int, val_size) -> int:
@@ -251,8 +236,6 @@ def load(d):
 
 def cache_key(d, listing: Listing) -> str:
     """The entry of data.cache that holds these pictures: their files, the conversion and the split."""
-    import hashlib
-
     settings = (fingerprint(d, listing), d.size, d.picture_size, d.channels, d.skip_bad, d.val_size, d.seed, d.kind,
                 d.label_sep)
     return "pictures-" + hashlib.sha256(repr(settings).encode()).hexdigest()[:16]
@@ -261,13 +244,6 @@ def cache_key(d, listing: Listing) -> str:
 def cached(d, listing: Listing, classes: list[str]):
     """The splits and format of data.cache's entry for these pictures, built first if missing (one process
     builds it, the others wait), read checked."""
-    import io
-    import torch
-
-    from cnnrnn.cache import Cache
-    from cnnrnn.data.items import Format, Split
-    from cnnrnn.files import write_atomic
-
     cache, key = Cache(d.cache, "data.cache"), cache_key(d, listing)
     if not cache.done(key):
         with cache.building(key) as partial:
@@ -297,10 +273,6 @@ def cached(d, listing: Listing, classes: list[str]):
 def convert(d, listing: Listing, classes: list[str]):
     """Decode, fit, split and pad every picture (items to data.size, multi-label pictures to data.picture_size);
     the splits and their Format (the background tone, mean and spread of the training pictures)."""
-    import torch
-
-    from cnnrnn.data.items import Format, Split
-
     side = d.picture_size if listing.pictures else d.size
     split_of = assign(listing, len(classes), d)
     fitted, bad = decode(listing.paths, side, d.channels, d.skip_bad)
@@ -332,8 +304,6 @@ def convert(d, listing: Listing, classes: list[str]):
 def load_test(path: Path, fmt, label_sep: str = " "):
     """The test pictures of another labelled folder or CSV (its test/ folder or split=test rows, else all of them),
     converted to `fmt` (a trained model's) and labelled with its class indices; their names must be its names."""
-    from cnnrnn.data.items import Split
-
     listing = list_folder(path) if path.is_dir() else list_csv(path, label_sep, "items")
     names = sorted({label for labels in listing.labels for label in labels})
     if not set(names) <= set(fmt.classes):
@@ -341,8 +311,6 @@ def load_test(path: Path, fmt, label_sep: str = " "):
                         f"{', '.join(fmt.classes)}; give data of the model's classes.")
     rows = [i for i, s in enumerate(listing.splits) if s == "test"] or list(range(len(listing.files)))
     fitted, _ = decode([listing.paths[i] for i in rows], fmt.size, fmt.channels, skip_bad=False)
-    import torch
-
     images = np.stack([pictures.pad(a, fmt.size, fmt.background) for a in fitted]).transpose(0, 3, 1, 2)
     labels = torch.tensor([fmt.classes.index(listing.labels[i][0]) for i in rows], dtype=torch.long)
     return Split(torch.from_numpy(np.ascontiguousarray(images)), labels, [listing.files[i] for i in rows])

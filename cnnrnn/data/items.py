@@ -2,9 +2,13 @@
 size and channels, normalisation, background tone), which travels with a run: checkpoint, metrics, ONNX, predict."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
+
+from cnnrnn.errors import UserError
 
 
 @dataclass
@@ -62,3 +66,18 @@ class Format:
     @staticmethod
     def from_dict(values: dict) -> Format:
         return Format(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def stratified(labels: list, count: int, seed: int, what: str) -> tuple[list[int], list[int]]:
+    """(kept, drawn): `count` of the indices drawn, stratified by class where every class allows it."""
+    from sklearn.model_selection import train_test_split
+
+    by_class = Counter(labels)
+    try:
+        kept, drawn = train_test_split(np.arange(len(labels)), test_size=count, random_state=seed,
+                                       stratify=labels if min(by_class.values()) >= 2 and count >= len(by_class)
+                                       else None)
+    except ValueError as exc:
+        raise UserError(f"Cannot hold out {count} {what} items of {len(labels)} ({exc}); set data.val_size to a "
+                        f"count or share the data allows.") from None
+    return sorted(kept.tolist()), sorted(drawn.tolist())

@@ -68,11 +68,8 @@ def pad(array: np.ndarray, size: int, background: tuple[int, ...]) -> np.ndarray
     return A.PadIfNeeded(size, size, border_mode=0, fill=tone)(image=array)["image"]  # 0: cv2.BORDER_CONSTANT
 
 
-def border(array: np.ndarray) -> np.ndarray:
-    """The pixels (K, channels) on the edge of a picture: its background, for an item drawn in the middle."""
-    return np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
-
-
 def background(fitted: list[np.ndarray]) -> tuple[int, ...]:
-    """The data's background tone: the median of the training items' border pixels, per channel."""
-    return tuple(int(v) for v in np.median(np.concatenate([border(a) for a in fitted]), axis=0))
+    """The data's background tone: the median of the training items' border pixels (around an item drawn in the
+    middle), per channel."""
+    edges = [np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]) for a in fitted]  # (K, channels) each
+    return tuple(int(v) for v in np.median(np.concatenate(edges), axis=0))

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from cnnrnn.data.augment import Augment
-from cnnrnn.data.composite import add_repeats, counts_of, multi_hot
+from cnnrnn.data.composite import DrawnSource, add_repeats, targets
 from cnnrnn.data.items import Split
-from cnnrnn.data.loader import epoch_seed
+from cnnrnn.data.loader import ItemSource
 
 OVERLAP = 0.25  # of an item's area, at most, between two items' boxes
 
@@ -23,11 +23,10 @@ def overlaps(corners: torch.Tensor, present: torch.Tensor, side: int) -> torch.T
     return ((area > OVERLAP * side * side) & both).flatten(1).any(1)
 
 
-class ScatterSource:
+class ScatterSource(DrawnSource):
     """Scattered composites of one split: {'image': (B, C, P, P) uint8, 'cells': (B, M) the class of each item
     (-1: none), 'boxes': (B, M, 2) their top-left corners (items are S x S), 'labels', 'counts'}, the items sorted
-    in reading order of their corners. Layouts are drawn from CPU generators as CompositeSource draws them
-    (fixed sources once, from `seed`)."""
+    in reading order of their corners. Layouts are drawn from CPU generators as CompositeSource draws them."""
 
     def __init__(self, split: Split, size: int, canvas: int, min_items: int, max_items: int, seed: int,
                  fixed: bool = False, augment: Augment | None = None, repeats: float = 0.0, clutter: int = 0,
@@ -37,12 +36,6 @@ class ScatterSource:
         self.clutter, self.background, self.classes = clutter, background, classes
         self.side, self.labels = split.images.shape[-1], split.labels.cpu()
         self.fixed_layout = self._layout(seed) if fixed else None
-
-    def __len__(self) -> int:
-        return self.size
-
-    def ids(self) -> list[str]:
-        return [str(i) for i in range(self.size)]
 
     def _layout(self, seed: int) -> torch.Tensor:
         """(N, M, 3 + 3*clutter) per item slot: its item (-1: none), y, x; then the clutter's item, y, x."""
@@ -67,11 +60,6 @@ class ScatterSource:
             rows.append(torch.randint(0, self.canvas - self.side // 3 + 1, (n, m, 2 * self.clutter), generator=g))
         return torch.cat(rows, -1)
 
-    def order(self, epoch: int | None) -> torch.Tensor:
-        if self.fixed_layout is not None:
-            return self.fixed_layout
-        return self._layout(epoch_seed(self.seed, 0 if epoch is None else epoch))
-
     def batch(self, rows: torch.Tensor, key: int = 0) -> dict[str, torch.Tensor]:
         """The composites of layout rows (B, M, 3 + 3*clutter), made on the split's device."""
         at = rows.to(self.split.images.device)
@@ -87,16 +75,14 @@ class ScatterSource:
             spots = at[..., 3 + n_c:].reshape(len(at), -1, 2)                    # (B, M*n, 2)
             canvas = place(frag, spots, torch.ones_like(spots[..., 0], dtype=torch.bool), self.canvas,
                            self.background, canvas)
-        cells = torch.where(present, self.split.labels[slots.clamp(min=0)], -1)
-        return {"image": canvas, "cells": cells, "boxes": corners, "labels": multi_hot(cells, self.classes),
-                "counts": counts_of(cells, self.classes)}
+        return {"image": canvas, **targets(slots, self.split.labels, self.classes), "boxes": corners}
 
 
 def place(items: torch.Tensor, corners: torch.Tensor, present: torch.Tensor, canvas: int,
           background: tuple[int, ...], onto: torch.Tensor | None = None) -> torch.Tensor:
     """Items (B, M, C, S, S) at their top-left corners (B, M, 2) on canvases (B, C, P, P) of the background tone
     (or `onto`), combined by the maximum (the minimum on a light background); absent items leave it as it is."""
-    b, m, c, s = items.shape[:4]
+    b, _, c, s = items.shape[:4]
     light = sum(background) / len(background) > 127
     if onto is None:
         onto = items.new_tensor(background).view(1, c, 1, 1).expand(b, c, canvas, canvas).contiguous()
@@ -110,32 +96,13 @@ def place(items: torch.Tensor, corners: torch.Tensor, present: torch.Tensor, can
     return out.view(b, c, canvas, canvas)
 
 
-class PictureSource:
+class PictureSource(ItemSource):
     """Multi-label pictures of a split (a user's CSV): {'image': (B, C, P, P) uint8, 'labels': (B, K) the set,
     'counts': (B, K)}; a training source draws a fresh order (and augmentation) each epoch."""
 
-    def __init__(self, split: Split, seed: int, augment: Augment | None = None, fixed: bool = True,
-                 size: int | None = None):
-        self.split, self.seed, self.augment, self.fixed = split, seed, augment, fixed
-        self.size = size or len(split)
-
-    def __len__(self) -> int:
-        return self.size
-
-    def ids(self) -> list[str]:
-        return self.split.files or [str(i) for i in range(len(self.split))]
-
     def order(self, epoch: int | None) -> torch.Tensor:
-        if epoch is None or self.fixed:
-            return torch.arange(len(self.split))
-        g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
-        return torch.cat([torch.randperm(len(self.split), generator=g)
-                          for _ in range(-(-self.size // len(self.split)))])[:self.size]
+        return torch.arange(len(self.split)) if self.fixed else super().order(epoch)
 
     def batch(self, rows: torch.Tensor, key: int = 0) -> dict[str, torch.Tensor]:
-        at = rows.to(self.split.images.device)
-        images = self.split.images[at]
-        if self.augment is not None:
-            images = self.augment(images, key)
-        labels = self.split.labels[at]
-        return {"image": images, "labels": labels, "counts": labels}
+        batch = super().batch(rows, key)
+        return {"image": batch["image"], "labels": batch["label"], "counts": batch["label"]}

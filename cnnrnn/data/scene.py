@@ -22,7 +22,7 @@ class Scene:
     from the split's labels."""
 
     def __init__(self, spec: dict, name: str, classes: tuple[str, ...]):
-        self.name, self.spec, self.classes = name, spec, classes
+        self.classes = classes
         styles = spec.get("styles")
         where = f"scene {name}"
         if not isinstance(styles, dict) or not styles:
@@ -115,8 +115,8 @@ def format_statistics(stats: dict, classes: tuple[str, ...]) -> str:
     """The statistics as a few readable lines for the run log."""
     short = [n.split("/")[0][:7] for n in classes]
     lines = ["class frequency: " + "  ".join(f"{s}={f:.2f}" for s, f in zip(short, stats["freq"])),
-             f"labels per image {stats['mean_items']:.2f}; total correlation {stats['total_correlation']:.3f} bits "
-             f"(0 = labels independent); P(column | row present):",
+             (f"labels per image {stats['mean_items']:.2f}; total correlation {stats['total_correlation']:.3f} "
+              f"bits (0 = labels independent); P(column | row present):"),
              "         " + " ".join(f"{s:>7}" for s in short)]
     lines += [f"{short[a]:>8} " + " ".join(f"{v:7.2f}" for v in row) for a, row in enumerate(stats["cond"])]
     return "\n".join(lines)

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import torch
 
+from cnnrnn.cache import Cache
 from cnnrnn.config import Data
-from cnnrnn.data import fashion_mnist
+from cnnrnn.data import fashion_mnist, folder
 from cnnrnn.data.augment import Augment
 from cnnrnn.data.composite import CompositeSource, MixedGridSource
 from cnnrnn.data.items import Format, Split
 from cnnrnn.data.loader import ItemSource, Source
+from cnnrnn.data.scatter import PictureSource, ScatterSource
 from cnnrnn.data.scene import Scene
 from cnnrnn.errors import UserError
 
@@ -33,8 +35,6 @@ def load(d: Data) -> tuple[dict[str, Split], Format]:
     """The {'train', 'val', 'test'} splits of data.source and what their items are."""
     if d.source == "fashion_mnist":
         return fashion_mnist.splits(d.root, d.val_size, d.limit, d.seed), fashion_mnist.FORMAT
-    from cnnrnn.data import folder
-
     return folder.load(d)
 
 
@@ -43,9 +43,6 @@ def preview(d: Data) -> Format:
     CSV listed and checked, and the cache of its pictures usable)."""
     if d.source == "fashion_mnist":
         return fashion_mnist.FORMAT
-    from cnnrnn.cache import Cache
-    from cnnrnn.data import folder
-
     if not Path(d.path).exists():
         raise UserError(f"data.path={d.path} does not exist; give the folder or the CSV file of your pictures.")
     listing = folder.listing_of(d)
@@ -61,18 +58,12 @@ def fingerprint(d: Data) -> str:
     if d.source == "fashion_mnist":
         found, _ = fashion_mnist.locate(Path(d.root))
         return str((found["train-images-idx3-ubyte"].parent if found else Path(d.root)).resolve())
-    from cnnrnn.data import folder
-
     return folder.fingerprint(d)
 
 
 def has_items(d: Data) -> bool:
     """Whether the data are items of one class each (a reader can be trained on them), not multi-label pictures."""
-    if d.source != "csv":
-        return True
-    from cnnrnn.data import folder
-
-    return not folder.listing_of(d).pictures
+    return d.source != "csv" or not folder.listing_of(d).pictures
 
 
 def flips(d: Data, fmt: Format) -> float:
@@ -98,55 +89,54 @@ def epoch_size(d: Data, n_train: int) -> int:
     return d.epoch_size or floor(d, n_train, EPOCH_FLOOR)
 
 
-def items(d: Data, seed: int, splits: dict[str, Split], fmt: Format, device=None) -> Sources:
-    splits = on_device(splits, device)
+def singles(cls, d: Data, seed: int, splits: dict[str, Split], fmt: Format, **kwargs) -> Sources:
+    """Sources of single items or pictures (cls: ItemSource or PictureSource): the training one goes through the
+    split in fresh orders; the fixed ones are seeded by data.seed only."""
+    train, n_eval = splits["train"], min(d.train_eval_size, len(splits["train"]))
+    return Sources(cls(train, seed, augmentation(d, fmt), fixed=False, size=epoch_size(d, len(train)), **kwargs),
+                   cls(train.subset(torch.arange(n_eval)), d.seed + 3, **kwargs),
+                   cls(splits["val"], d.seed + 1, **kwargs), cls(splits["test"], d.seed + 2, **kwargs))
+
+
+def drawn(d: Data, train: Source, make, splits: dict[str, Split]) -> Sources:
+    """Sources of composites: `train`, and fixed ones made by make(split, size, seed=, fixed=True), seeded by
+    data.seed only: identical across runs, seeds and models."""
     n_eval = min(d.train_eval_size, len(splits["train"]))
-    deg = dict(degrade=d.degrade, background=fmt.background)
-    return Sources(ItemSource(splits["train"], seed, augmentation(d, fmt), fixed=False,
-                              size=epoch_size(d, len(splits["train"])), **deg),
-                   ItemSource(splits["train"].subset(torch.arange(n_eval)), d.seed + 3, **deg),
-                   ItemSource(splits["val"], d.seed + 1, **deg), ItemSource(splits["test"], d.seed + 2, **deg))
+    n_val = d.val_composites or floor(d, len(splits["val"]), VAL_FLOOR)
+    return Sources(train, make(splits["train"], n_eval, seed=d.seed + 3, fixed=True),
+                   make(splits["val"], n_val, seed=d.seed + 1, fixed=True),
+                   make(splits["test"], d.test_size, seed=d.seed + 2, fixed=True))
+
+
+def items(d: Data, seed: int, splits: dict[str, Split], fmt: Format, device=None) -> Sources:
+    return singles(ItemSource, d, seed, on_device(splits, device), fmt, degrade=d.degrade, background=fmt.background)
 
 
 def composites(d: Data, seed: int, batch_size: int, splits: dict[str, Split], fmt: Format, scene: Scene | None = None,
                device=None) -> Sources:
-    """Composite sources; the fixed ones (train_eval, val, test) are seeded by data.seed only: identical across
-    runs, seeds and models."""
     splits = on_device(splits, device)
 
-    def source(split: Split, size: int, grid: int, **kwargs) -> CompositeSource:
+    def source(split: Split, size: int, grid: int = d.test_grid, **kwargs) -> CompositeSource:
         # with mixed grids, a smaller grid holds at most one item per cell
         return CompositeSource(split, size, grid, d.min_items, min(d.max_items, grid ** 2), degrade=d.degrade,
                                scene=scene, repeats=d.repeats, background=fmt.background, classes=len(fmt.classes),
                                **kwargs)
 
-    n_train, n_eval = epoch_size(d, len(splits["train"])), min(d.train_eval_size, len(splits["train"]))
-    n_val = d.val_composites or floor(d, len(splits["val"]), VAL_FLOOR)
+    n_train = epoch_size(d, len(splits["train"]))
     train = [source(splits["train"], n_train, g, seed=seed, augment=augmentation(d, fmt)) for g in d.grids]
-    return Sources(train[0] if len(train) == 1 else MixedGridSource(train, batch_size, seed),
-                   source(splits["train"], n_eval, d.test_grid, seed=d.seed + 3, fixed=True),
-                   source(splits["val"], n_val, d.test_grid, seed=d.seed + 1, fixed=True),
-                   source(splits["test"], d.test_size, d.test_grid, seed=d.seed + 2, fixed=True))
+    return drawn(d, train[0] if len(train) == 1 else MixedGridSource(train, batch_size, seed), source, splits)
 
 
 def pictures(d: Data, seed: int, splits: dict[str, Split], fmt: Format, device=None) -> Sources:
     """Sources of whole pictures: a user's multi-label pictures (fmt.picture), or items scattered on a canvas
-    (data.layout=scatter); the fixed ones seeded by data.seed only."""
-    from cnnrnn.data.scatter import PictureSource, ScatterSource
-
+    (data.layout=scatter)."""
     splits = on_device(splits, device)
-    n_train, n_eval = epoch_size(d, len(splits["train"])), min(d.train_eval_size, len(splits["train"]))
     if fmt.picture:
-        return Sources(PictureSource(splits["train"], seed, augmentation(d, fmt), fixed=False, size=n_train),
-                       PictureSource(splits["train"].subset(torch.arange(n_eval)), d.seed + 3),
-                       PictureSource(splits["val"], d.seed + 1), PictureSource(splits["test"], d.seed + 2))
+        return singles(PictureSource, d, seed, splits, fmt)
 
     def source(split: Split, size: int, **kwargs) -> ScatterSource:
         return ScatterSource(split, size, d.picture_size, d.min_items, d.max_items, repeats=d.repeats,
                              clutter=d.clutter, background=fmt.background, classes=len(fmt.classes), **kwargs)
 
-    n_val = d.val_composites or floor(d, len(splits["val"]), VAL_FLOOR)
-    return Sources(source(splits["train"], n_train, seed=seed, augment=augmentation(d, fmt)),
-                   source(splits["train"], n_eval, seed=d.seed + 3, fixed=True),
-                   source(splits["val"], n_val, seed=d.seed + 1, fixed=True),
-                   source(splits["test"], d.test_size, seed=d.seed + 2, fixed=True))
+    n_train = epoch_size(d, len(splits["train"]))
+    return drawn(d, source(splits["train"], n_train, seed=seed, augment=augmentation(d, fmt)), source, splits)

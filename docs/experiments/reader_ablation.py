@@ -8,7 +8,8 @@ shifts, bf16) with one feature of airbench (Keller Jordan, arXiv 2404.00498) or 
 on its 5,000 validation items after every epoch (the weights that are kept: the EMA or the lookahead average).
 ROWS: comma-separated names of ROWS below; SEEDS: comma-separated (default 0,1,2). One JSON line per (row, seed)
 with the best and last validation accuracy (plain, with flips, with flips x shifts), the epochs and the training
-seconds per epoch. The test items are never read here: only the recipe chosen from this table is run
+seconds per epoch. `python docs/experiments/reader_ablation.py --table OUT.jsonl` prints the markdown table of
+docs/recipes.md: per row, the mean and standard deviation over its seeds. The test items are never read here: only the recipe chosen from this table is run
 by `python -m cnnrnn.train task=reader` and tested there.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import statistics
 import sys
 import time
 
@@ -181,7 +183,28 @@ def run(job: dict) -> dict:
             "curve": curve}
 
 
+def table(path: str) -> str:
+    """Mean and standard deviation over seeds of each row's best validation accuracy, plain, with flips and with
+    flips x shifts; its epochs and training seconds per epoch."""
+    by_row: dict[str, list[dict]] = {}
+    for line in open(path):
+        r = json.loads(line)
+        by_row.setdefault(r["row"], []).append(r)
+    lines = ["| row | epochs | s/epoch | seeds | val | val, flips | val, flips x shifts |", "|---|--:|--:|--:|--:|--:|--:|"]
+    for row, rs in by_row.items():
+        cells = []
+        for key in ("val_best", "val_flip_at_best", "val_flip_shift_at_best"):
+            v = [100 * r[key] for r in rs]
+            cells.append(f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0:.2f}")
+        seconds = sorted(r["train_s_per_epoch"] for r in rs)[len(rs) // 2]
+        lines.append(f"| {row} | {rs[0]['epochs']} | {seconds:.1f} | {len(rs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--table":
+        print(table(sys.argv[2]))
+        sys.exit()
     rows, out = sys.argv[1].split(","), sys.argv[2]
     seeds = [int(s) for s in (sys.argv[3] if len(sys.argv) > 3 else "0,1,2").split(",")]
     for seed in seeds:
