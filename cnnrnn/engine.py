@@ -119,7 +119,8 @@ class Window:
 def train_steps(model: nn.Module, task, optimizer: torch.optim.Optimizer, scheduler, loader: Iterable[dict], *,
                 device: torch.device, amp: bool = False, grad_clip: float | None = None, first_step: int = 0,
                 log_every: int = 1, sync_every: int = 0, ema=None) -> Iterator[Window]:
-    """Train over the batches of `loader`, queuing step after step without waiting for the device; yield a Window at each sync.
+    """Train over the batches of `loader`, queuing step after step without waiting for the device; yield a Window at
+    each sync.
 
     The losses and stats stay on the device and reach Python only at a sync: every `log_every` global steps, every
     `sync_every` steps (checkpoints are due; 0: never) and after the last batch. The caller logs, checkpoints or

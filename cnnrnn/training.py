@@ -147,7 +147,8 @@ def setup(cfg: Config, out_dir: Path, saved: dict | None = None, distributed: bo
     model, reader = start_model(cfg, fmt, proc, saved)
     if cfg.optim.reader_lr == 0 and cfg.model.get("init_from"):  # a trained reader; a random one always learns
         model.freeze_reader()
-        if cacheable(cfg.data):  # every source but test, which the final model reads from its pixels
+        if model.encoder == "cells" and cacheable(cfg.data):  # composites of items: every source but test, which
+            # the final model reads from its pixels (a whole picture is read from its pixels every time)
             src = with_cell_features(src, model.reader, task, proc, sources.flips(cfg.data, fmt) if cfg.data.augment
                                      else 0.0)
     optimizer, scheduler = build.optimizer(cfg, model, num_batches(len(src.train), cfg.trainer.batch_size, True))

@@ -214,6 +214,7 @@ def assign(listing: Listing, classes: int, d) -> list[str]:
 def load(d):
     """{'train', 'val', 'test'} Splits of a user's folder or CSV (data.source, data.path) and their Format: decoded
     once, then read from data.cache (an entry per files, conversion and split; null: decoded every time)."""
+    started = time.time()
     listing = listing_of(d)
     classes = sorted({label for labels in listing.labels for label in labels})
     if len(classes) < 2:
@@ -228,9 +229,9 @@ def load(d):
         splits, fmt = convert(d, listing, classes)
     if d.limit is not None:
         splits["train"] = splits["train"].subset(range(min(d.limit, len(splits["train"]))))
-    log.info("data.path=%s: %s pictures of %d classes (train %d, val %d, test %d), background tone %s", d.path,
-             f"{sum(len(s) for s in splits.values()):,}", len(classes), *(len(splits[s]) for s in SPLITS),
-             fmt.background)
+    log.info("data.path=%s: %s pictures of %d classes (train %d, val %d, test %d), background tone %s; ready in "
+             "%.1f s", d.path, f"{sum(len(s) for s in splits.values()):,}", len(classes),
+             *(len(splits[s]) for s in SPLITS), fmt.background, time.time() - started)
     return splits, fmt
 
 

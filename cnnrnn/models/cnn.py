@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 class FastDropout(nn.Module):
     """nn.Dropout with a mask drawn as one random byte per element, so `p` is rounded to a multiple of 1/256.
 
@@ -106,7 +107,8 @@ def read_windows(reader: SmallCNN, x: torch.Tensor, flip: bool = False) -> torch
     kernel = dense.weight.view(dense.out_features, reader.encoder.out_channels, k, k)  # (D, C'kk) -> (D, C', k, k)
     feats = torch.relu(F.conv2d(maps, kernel, dense.bias))                    # (B, D, h, w)
     if flip:
-        feats = (feats + read_windows(reader, x.flip(-1)).transpose(1, 2).reshape(feats.shape).flip(-1)) / 2
+        mirror = read_windows(reader, x.flip(-1)).transpose(1, 2).reshape(feats.shape)  # (B, L, D) -> (B, D, h, w)
+        feats = (feats + mirror.flip(-1)) / 2
     return feats.flatten(2).transpose(1, 2)                                   # (B, D, h, w) -> (B, h*w, D)
 
 

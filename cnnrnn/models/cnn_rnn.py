@@ -1,5 +1,5 @@
-"""The per-item reader on every cell + an LSTM label decoder with soft attention over the cells: names the items
-of a picture one after another.
+"""The per-item reader on every cell of a grid (or slid over a whole picture) + an LSTM label decoder with soft
+attention over those positions: names the items of a picture one after another.
 
 Tokens: 0..C-1 are the classes, C is END, C+1 is START. The decoder's output vocabulary is the C classes
 plus END. Training feeds given (teacher) tokens; `generate` feeds only the model's own outputs.
@@ -22,11 +22,11 @@ EMPTY_TONE = 0.1
 
 def _follow(t: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
     """Reorder per-beam state t (B, K, ...) to follow each new beam's parent (B, K)."""
-    return t.gather(1, parent.view(*parent.shape, *([1] * (t.dim() - 2))).expand_as(t))
+    return t.gather(1, parent.view(*parent.shape, *([1] * (t.dim() - 2))).expand_as(t))  # (B, K) -> (B, K, 1...)
 
 
 class CNNRNN(ReadsCells):
-    """Cell features from the reader -> LSTM over label embeddings, attending over the cells at every step."""
+    """Features of cells or windows from the reader -> LSTM over label embeddings, attending over them at each step."""
 
     def __init__(self, num_classes: int = 10, channels: tuple[int, ...] = (32, 64), convs: int = 2,
                  cell_dim: int = 256, embed: int = 64, hidden: int = 256, attention: bool = True, attn_dim: int = 128,
@@ -194,7 +194,7 @@ class CNNRNN(ReadsCells):
         alphas = torch.zeros(b, k, 0, feats.shape[1], device=dev)
         for t in range(limit + 1):
             logits, (h, c), alpha = self.step(tokens, (h, c), feats, keys, read)
-            step_logp = logits.float().log_softmax(dim=1).view(b, k, v)
+            step_logp = logits.float().log_softmax(dim=1).view(b, k, v)          # (B*K, V) -> (B, K, V)
             step_logp = step_logp.masked_fill(~self._allowed(counts, t, limit), float("-inf"))
             # A finished beam continues only with END, at no cost, so it keeps its score.
             finished = torch.full_like(step_logp, float("-inf"))
@@ -205,15 +205,15 @@ class CNNRNN(ReadsCells):
             parent, tokens2d = flat // v, flat % v
             counts, done, scores, history, alphas = (_follow(t_, parent) for t_ in (counts, done, scores, history,
                                                                                     alphas))
-            rows = (parent + torch.arange(b, device=dev)[:, None] * k).flatten()
+            rows = (parent + torch.arange(b, device=dev)[:, None] * k).flatten()  # (B, K) -> (B*K,) parents' rows
             h, c = h[rows], c[rows]
-            probs = logits.float().softmax(dim=1)[rows].view(b, k, v)[..., :n]
+            probs = logits.float().softmax(dim=1)[rows].view(b, k, v)[..., :n]  # (B*K, V) -> (B, K, C)
             scores = torch.where(done[..., None], scores, torch.maximum(scores, probs))
             counts = counts + F.one_hot(tokens2d, v)[..., :n]
             done = done | (tokens2d == self.end)
             history = torch.cat([history, tokens2d[..., None]], dim=2)
-            alphas = torch.cat([alphas, alpha[rows].view(b, k, 1, -1)], dim=2)
-            tokens = tokens2d.flatten()
+            alphas = torch.cat([alphas, alpha[rows].view(b, k, 1, -1)], dim=2)  # (B*K, L) -> (B, K, 1, L)
+            tokens = tokens2d.flatten()                                          # (B, K) -> (B*K,)
             if done.all():
                 break
         best = logp.argmax(dim=1)                                                # (B,)

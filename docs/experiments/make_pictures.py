@@ -1,9 +1,11 @@
 """Multi-label pictures made outside the project (numpy and Pillow only, from Fashion-MNIST's raw IDX files), as a
 user would bring them: python docs/experiments/make_pictures.py OUT N [--split train|test] [--canvas 64] [--seed 0]
+[--sep ' ']
 
 Writes N pictures OUT/pictures/NNNNN.png of 1-4 items of distinct classes at free positions on a black canvas
 (combined by their maximum, two items' boxes overlapping by at most a quarter of an item; a quarter of the pictures
-hold one item) and OUT/labels.csv (file, labels: the class names, the spaces of "Ankle boot" written as '_'). The
+hold one item) and OUT/labels.csv (file, labels: the class names separated by --sep; with the default, a space, the
+space of "Ankle boot" is written as '_'; with another, such as '|', the names are Fashion-MNIST's own). The
 items come from the given split of Fashion-MNIST only, so test pictures never hold a training item.
 """
 import argparse
@@ -31,6 +33,7 @@ def main() -> None:
     parser.add_argument("--canvas", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--root", default="/usr/share/datasets/fashion-mnist")
+    parser.add_argument("--sep", default=" ")
     args = parser.parse_args()
     prefix = "train" if args.split == "train" else "t10k"
     root = Path(args.root)
@@ -55,7 +58,8 @@ def main() -> None:
             item = images[rng.choice(np.flatnonzero(labels == cls))]
             canvas[y:y + 28, x:x + 28] = np.maximum(canvas[y:y + 28, x:x + 28], item)
         Image.fromarray(canvas).save(out / "pictures" / f"{i:05d}.png")
-        rows.append(f"pictures/{i:05d}.png,{' '.join(NAMES[j] for j in sorted(classes))}")
+        names = [NAMES[j] if args.sep == " " else NAMES[j].replace("_", " ") for j in sorted(classes)]
+        rows.append(f"pictures/{i:05d}.png,{args.sep.join(names)}")
     (out / "labels.csv").write_text("\n".join(rows) + "\n")
 
 
