@@ -35,7 +35,9 @@ from cnnrnn.ranks import pick_device
 from cnnrnn.tasks import make_task
 
 FORMAT = Format(tuple(str(c) for c in range(10)))  # ten classes of 28x28 gray items: random pixels time the same
-MODELS = {"lstm": "lstm", "lstm2": "lstm2", "cnn": "cnn", "cnn_rnn": "multilabel", "cnn_bce": "multilabel_bce"}
+MODELS = {"lstm": ("lstm", {}), "lstm2": ("lstm2", {}), "cnn": ("cnn", {}), "cnn_rnn": ("multilabel", {}),
+          "cnn_bce": ("multilabel_bce", {}),
+          "cnn_rnn_picture": ("multilabel", {"model": {"encoder": "picture"}})}  # the reader slid over 56x56 pictures
 
 
 def seconds(fn, min_time: float) -> float:
@@ -81,7 +83,8 @@ def onnx_missing() -> str | None:
 def bench_model(name: str, batch_size: int, min_time: float, peak: float, amp: bool | None, onnx: bool,
                 device: torch.device) -> dict:
     """One model's record; amp None means the setting training uses (engine.resolve_amp of the task's)."""
-    cfg = preset(MODELS[name], trainer={"batch_size": batch_size})
+    task_name, changes = MODELS[name]
+    cfg = preset(task_name, trainer={"batch_size": batch_size}, **changes)
     amp = resolve_amp(cfg.trainer.amp, device) if amp is None else amp
     task = make_task(cfg, FORMAT)
     model = build.model(cfg, FORMAT).to(device, memory_format=torch.channels_last)  # as in training

@@ -10,16 +10,17 @@ from cnnrnn import bench
 
 def test_bench_writes_records_with_the_contract_keys(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    bench.main(["--models", "lstm,cnn_rnn", "--batch-sizes", "4", "--seconds", "0.01",
+    bench.main(["--models", "lstm,cnn_rnn,cnn_rnn_picture", "--batch-sizes", "4", "--seconds", "0.01",
                 "--json", str(out)])
     records = json.loads(out.read_text())
     models = [r for r in records if r["model"] != "composites"]
-    assert [(r["model"], r["batch_size"]) for r in models] == [("lstm", 4), ("cnn_rnn", 4)]
+    assert [(r["model"], r["batch_size"]) for r in models] == [("lstm", 4), ("cnn_rnn", 4), ("cnn_rnn_picture", 4)]
     for r in models:
         for key in ("ms_per_step", "samples_per_s", "mfu", "mflops_per_sample", "gflops", "infer_images_per_s",
                     "data_share", "peak_gflops_fp32"):
             assert r[key] > 0, key
     assert models[0]["mflops_per_sample"] > 20  # the LSTM's FLOPs are counted, not just its head's
+    assert models[2]["mflops_per_sample"] > models[1]["mflops_per_sample"]  # 8x8 windows read, not 2x2 cells
     assert records[-1]["model"] == "composites" and records[-1]["images_per_s"] > 0  # measured, whatever the speed
     assert "ms/step" in capsys.readouterr().out
 

@@ -89,6 +89,19 @@ def test_every_mode_and_format_of_one_picture_reads_the_same(tmp_path):
             assert np.array_equal(r, a[..., None]), p
 
 
+def test_transparent_pixels_are_read_as_black_and_said_only_where_there_are_some(tmp_path):
+    a = drawing(1, 0, 20)
+    rgba = np.dstack([a, a, a, np.full_like(a, 255)])
+    Image.fromarray(rgba).save(tmp_path / "opaque.png")
+    rgba[:10, :, 3] = 0                                 # the top half transparent
+    Image.fromarray(rgba).save(tmp_path / "half.png")
+    said = []
+    assert np.array_equal(pictures.read(tmp_path / "opaque.png", warn=said.append)[..., 0], a) and said == []
+    half = pictures.read(tmp_path / "half.png", warn=said.append)[..., 0]
+    assert (half[:10] == 0).all() and np.array_equal(half[10:], a[10:])
+    assert said == [f"{tmp_path / 'half.png'} has transparent pixels; they are read as black."]
+
+
 def test_class_folders_alone_give_stratified_val_and_test_shares(tmp_path):
     root = make_folder(tmp_path / "flat", per_class=20, splits=())
     splits, fmt = sources.load(data(root, val_size=0.2))

@@ -45,8 +45,9 @@ def to_array(img: Image.Image, channels: int, path, warn) -> np.ndarray:
             raise UserError(f"{path} holds NaN or infinite pixels; give an image of finite values.")
         img = img.point(lambda v: v * 255).convert("L")                          # [0, 1]; beyond clipped
     elif img.mode in ("RGBA", "LA", "PA") or img.mode == "P" and "transparency" in img.info:
-        warn(f"{path} has transparent pixels; they are read as black.")
         rgba = img.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:  # an alpha channel that is all opaque changes nothing: no warning
+            warn(f"{path} has transparent pixels; they are read as black.")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
     array = np.array(img.convert("L" if channels == 1 else "RGB"))  # a writable copy, for torch.from_numpy
     return array[..., None] if channels == 1 else array

@@ -2,14 +2,14 @@
 with predict: python docs/experiments/make_composites.py FOLDER/test OUT N [--cell 32] [--seed 0]
 
 FOLDER/test holds class folders of pictures of any size and mode. Each composite is a 2x2 grid of cell x cell
-pixels on black holding 1-4 pictures of distinct classes (each fitted into its cell, aspect kept, centred, made
-8-bit gray), the other cells empty; OUT/pictures/NNNNN.png and OUT/labels.csv (file, labels: the class names).
+pixels on black holding 1-4 pictures of distinct classes (each fitted into its cell, larger or smaller, aspect kept,
+centred, made 8-bit gray), the other cells empty; OUT/pictures/NNNNN.png and OUT/labels.csv (file, labels: the class names).
 """
 import argparse
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def main() -> None:
@@ -32,8 +32,9 @@ def main() -> None:
         canvas = Image.new("L", (2 * cell, 2 * cell))
         for c, slot in zip(chosen, slots):
             with Image.open(files[classes[c]][int(rng.integers(len(files[classes[c]])))]) as img:
-                img = img.convert("L")
-                img.thumbnail((cell, cell))  # longer side at most one cell, aspect kept
+                if img.mode.startswith("I"):  # 16-bit levels: Pillow's convert("L") would clip them, not scale
+                    img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().astype(np.uint8))
+                img = ImageOps.contain(img.convert("L"), (cell, cell))  # longer side one cell, aspect kept
                 y, x = divmod(int(slot), 2)
                 canvas.paste(img, (x * cell + (cell - img.width) // 2, y * cell + (cell - img.height) // 2))
         canvas.save(out / "pictures" / f"{i:05d}.png")

@@ -195,7 +195,7 @@ def table(path: str) -> str:
         cells = []
         for key in ("val_best", "val_flip_at_best", "val_flip_shift_at_best"):
             v = [100 * r[key] for r in rs]
-            cells.append(f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0:.2f}")
+            cells.append(f"{statistics.mean(v):.2f}" + (f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else ""))
         seconds = sorted(r["train_s_per_epoch"] for r in rs)[len(rs) // 2]
         lines.append(f"| {row} | {rs[0]['epochs']} | {seconds:.1f} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
