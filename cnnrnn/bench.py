@@ -193,13 +193,13 @@ def main(argv: list[str] | None = None) -> None:
         info = machine(device)
         print(f"fp32 matmul peak {info['peak_gflops_fp32']} GFLOP/s, bf16 {info['peak_gflops_bf16']} GFLOP/s, "
               f"{info['threads']} threads, torch {info['torch']}", file=sys.stderr)
-        print(f"{'model':<8} {'batch':>5} {'ms/step':>8} {'samples/s':>10} {'MFLOP/smp':>10} {'GFLOP/s':>8} "
+        print(f"{'model':<15} {'batch':>5} {'ms/step':>8} {'samples/s':>10} {'MFLOP/smp':>10} {'GFLOP/s':>8} "
               f"{'MFU':>6} {'infer img/s':>11} {'data':>6}" + (f" {'onnx img/s':>10}" if onnx else ""))
         for name in models:
             for b in sizes:
                 r = bench_model(name, b, args.seconds, info["peak_gflops_fp32"], args.amp, onnx, device)
                 records.append({**r, **info})
-                print(f"{name:<8} {b:>5} {r['ms_per_step']:>8.2f} {r['samples_per_s']:>10.0f} "
+                print(f"{name:<15} {b:>5} {r['ms_per_step']:>8.2f} {r['samples_per_s']:>10.0f} "
                       f"{r['mflops_per_sample']:>10.2f} {r['gflops']:>8.1f} {r['mfu']:>6.1%} "
                       f"{r['infer_images_per_s']:>11.0f} {r['data_share']:>6.1%}"
                       + (f" {r['onnx_infer_img_per_s']:>10.0f}" if onnx else ""), flush=True)
